@@ -1,0 +1,251 @@
+"""The GPT model: configuration, building blocks, and the model itself.
+
+The pieces follow chapter 4: :class:`LayerNorm`, :class:`GELU`, :class:`FeedForward`,
+a pre-LayerNorm :class:`TransformerBlock` with shortcut connections, and
+:class:`GPTModel` (token + position embeddings, a stack of blocks, a final norm and a
+linear head onto the vocabulary). :class:`KVCache` stores the keys and values of
+tokens already seen so that generation computes each token once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MultiHeadAttention
+
+# emb_dim, n_layers, n_heads of OpenAI's four GPT-2 sizes
+GPT2_SIZES: dict[str, dict[str, int]] = {
+    "124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # "gpt2"
+    "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},  # "gpt2-medium"
+    "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # "gpt2-large"
+    "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},  # "gpt2-xl"
+}
+
+
+@dataclass
+class GPTConfig:
+    """Hyperparameters of a GPT model. The defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary
+    context_length: int = 1024  # longest sequence the position embedding covers
+    emb_dim: int = 768  # width of every token's vector
+    n_heads: int = 12  # attention heads per block (emb_dim must divide evenly)
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.1  # dropout on embeddings, attention weights and shortcuts
+    qkv_bias: bool = False  # bias in the query/key/value projections (OpenAI's weights have one)
+    tie_weights: bool = False  # share the token embedding with the output head (as GPT-2 does)
+    use_sdpa: bool = True  # fused attention kernel; False runs the explicit teaching path
+
+    @classmethod
+    def gpt2(cls, size: str = "124M", **overrides) -> "GPTConfig":
+        """Preset for one of GPT-2's sizes: "124M", "355M", "774M" or "1558M"."""
+        if size not in GPT2_SIZES:
+            raise ValueError(f"Unknown GPT-2 size {size!r}; choose one of {list(GPT2_SIZES)}.")
+        return cls(**{**GPT2_SIZES[size], **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "GPTConfig":
+        """A few-hundred-thousand-parameter model (plus embeddings) for tests and quick mode."""
+        fields = dict(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+        return cls(**{**fields, **overrides})
+
+    def replace(self, **changes) -> "GPTConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+class LayerNorm(nn.Module):
+    """Normalise each token's vector to mean 0, variance 1, then scale and shift.
+
+    Uses the biased variance (divide by n), as GPT-2 does. The explicit formula is
+    ``(x - mean) / sqrt(var + eps) * scale + shift``; ``F.layer_norm`` computes the same
+    in one fused kernel.
+    """
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written out, as in the chapter (GPT-2 uses it)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class GELU(nn.Module):
+    """GELU activation (tanh approximation), computed by PyTorch's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: widen to 4 x emb_dim, GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, emb) -> (B, T, emb)
+        return self.layers(x)
+
+
+class LayerKVCache:
+    """Keys and values of one layer, in preallocated (B, H, capacity, hd) buffers."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, H, T, hd) keys/values; return all stored so far."""
+        new = keys.shape[2]
+        if self.keys is None:
+            raise RuntimeError("LayerKVCache.reserve() must be called before append().")
+        end = self.length + new
+        if end > self.keys.shape[2]:
+            raise ValueError(
+                f"KV cache full: {self.length} cached + {new} new tokens exceed its capacity "
+                f"{self.keys.shape[2]}; reset the cache and re-feed the last context_length tokens."
+            )
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reserve(self, like: torch.Tensor, capacity: int) -> None:
+        b, h, _, hd = like.shape
+        if self.keys is None or self.keys.shape[0] != b or self.keys.shape[2] < capacity:
+            self.keys = like.new_empty(b, h, capacity, hd)
+            self.values = like.new_empty(b, h, capacity, hd)
+
+
+class KVCache:
+    """Per-layer key/value caches for a whole model, plus the position reached.
+
+    Pass the same cache to successive ``model(idx, cache=cache)`` calls: the first
+    call feeds the prompt, each later call only the new token(s).
+    """
+
+    def __init__(self, n_layers: int, capacity: int):
+        self.layers = [LayerKVCache() for _ in range(n_layers)]
+        self.capacity = capacity
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            dropout=cfg.drop_rate,
+            num_heads=cfg.n_heads,
+            qkv_bias=cfg.qkv_bias,
+            use_sdpa=cfg.use_sdpa,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache))  # add the input back
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x  # (B, T, emb)
+
+
+class GPTModel(nn.Module):
+    """A GPT-2-style decoder-only language model.
+
+    ``forward(idx)`` maps token ids (B, T) to next-token logits (B, T, vocab_size).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight  # one (vocab, emb) matrix, used twice
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache sized for this model's context length."""
+        return KVCache(self.cfg.n_layers, self.cfg.context_length)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T).
+
+        With ``cache``, ``idx`` continues the cached sequence (positions start after it).
+        With ``last_only``, only the last position's logits are computed: (B, 1, vocab).
+        """
+        b, num_tokens = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + num_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"Sequence of {start + num_tokens} tokens is longer than the context length "
+                f"{self.cfg.context_length}; feed at most the last {self.cfg.context_length} tokens."
+            )
+        positions = torch.arange(start, start + num_tokens, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb)
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.trf_blocks):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = cache.layers[i]
+                if layer_cache.length == 0:
+                    h, hd = self.cfg.n_heads, self.cfg.emb_dim // self.cfg.n_heads
+                    layer_cache.reserve(x.new_empty(b, h, 0, hd), cache.capacity)
+            x = block(x, cache=layer_cache)
+        if last_only:
+            x = x[:, -1:, :]
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, vocab)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_size_mb(model: nn.Module, dtype: torch.dtype | None = None) -> float:
+    """Memory for the parameters and buffers, in megabytes (1 MB = 1024**2 bytes).
+
+    ``dtype`` asks "how big in this precision?" (e.g. ``torch.bfloat16``); by default
+    each tensor's own dtype is used.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    total = 0
+    for t in tensors:
+        itemsize = torch.empty((), dtype=dtype).element_size() if dtype else t.element_size()
+        total += t.numel() * itemsize
+    return total / 1024**2
