@@ -7,6 +7,7 @@ download therefore never looks like a finished one.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -74,7 +75,7 @@ def download_file(
                         digest.update(chunk)
                         received += len(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError) as err:  # includes HTTPError, timeouts, resets
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTP errors, timeouts, resets, short reads
             raise DownloadError(
                 f"Could not download {url}: {err}. Check your internet connection (or the URL), "
                 f"then run again; nothing was written to {path}."

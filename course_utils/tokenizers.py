@@ -87,7 +87,9 @@ class SimpleTokenizer:
 # --- GPT-2 byte-pair encoding ------------------------------------------------------
 
 # GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, whitespace.
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Written with possessive quantifiers (++), which split text the same way as GPT-2's
+# original pattern but never backtrack; it is the form tiktoken itself uses.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 def gpt2_byte_alphabet() -> dict[str, int]:

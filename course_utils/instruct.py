@@ -1,0 +1,137 @@
+"""Instruction fine-tuning data (chapter 7): prompts, datasets, and batching.
+
+Each example becomes one text in the Alpaca layout: a fixed preamble, the
+instruction, an optional input, then the response the model should learn to write.
+Batches are padded with ``<|endoftext|>``; the targets are the inputs shifted by one,
+and padding positions in the targets are set to -100 so the loss skips them. The
+first end-of-text after each response stays a target: it teaches the model to stop.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import partial
+
+import tiktoken
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .tokenizers import GPT2_EOT_ID, gpt2_tokenizer
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+
+def format_input(entry: dict[str, str]) -> str:
+    """The prompt part of an example: preamble, instruction, and the input if any."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_example(entry: dict[str, str]) -> str:
+    """Prompt plus the response header and the expected output: the full training text."""
+    return format_input(entry) + RESPONSE_HEADER + entry["output"]
+
+
+def split_instruction_data(
+    data: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.1, seed: int | None = None
+) -> tuple[list, list, list]:
+    """Train / test / validation lists (validation is the remainder, 5% by default).
+
+    With ``seed=None`` the file's order is kept, so everyone gets the same split.
+    """
+    rows = list(data)
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    n_train = int(len(rows) * train_frac)
+    n_test = int(len(rows) * test_frac)
+    return rows[:n_train], rows[n_train : n_train + n_test], rows[n_train + n_test :]
+
+
+class InstructionDataset(Dataset):
+    """Token ids of each formatted example.
+
+    Items are lists of ids, or ``(ids, prompt_length)`` pairs when
+    ``with_prompt_length=True`` (needed to mask the prompt out of the loss).
+    """
+
+    def __init__(self, data: Sequence[dict], tokenizer: tiktoken.Encoding | None = None, with_prompt_length: bool = False):
+        tokenizer = tokenizer or gpt2_tokenizer()
+        self.with_prompt_length = with_prompt_length
+        self.encoded = [tokenizer.encode(format_example(entry)) for entry in data]
+        self.prompt_lengths = [len(tokenizer.encode(format_input(entry) + RESPONSE_HEADER)) for entry in data]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int):
+        if self.with_prompt_length:
+            return self.encoded[i], self.prompt_lengths[i]
+        return self.encoded[i]
+
+
+def instruction_collate(
+    batch: Sequence,
+    pad_token_id: int = GPT2_EOT_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    mask_prompt: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch of id lists to (B, L) inputs and targets.
+
+    For an example of n tokens: inputs are the n tokens then padding; targets are
+    tokens 2..n, one end-of-text (the "stop here" signal), then ``ignore_index``. The
+    masking goes by position, not by value, so an end-of-text inside the text is kept.
+    With ``mask_prompt`` (items must be ``(ids, prompt_length)``) the targets that are
+    prompt tokens are ignored too. ``allowed_max_length`` cuts both to that many columns.
+    """
+    items = [item if isinstance(item, tuple) else (item, None) for item in batch]
+    if mask_prompt and any(length is None for _, length in items):
+        raise ValueError("mask_prompt=True needs (ids, prompt_length) items: use InstructionDataset(..., with_prompt_length=True).")
+    width = max(len(ids) for ids, _ in items)  # inputs are at most this long
+    inputs = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(items), width), ignore_index, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(items):
+        n = len(ids)
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        inputs[row, :n] = ids_t
+        targets[row, : n - 1] = ids_t[1:]  # next-token targets
+        targets[row, n - 1] = pad_token_id  # the end-of-text after the response
+        if mask_prompt:
+            targets[row, : max(prompt_length - 1, 0)] = ignore_index
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    return inputs.to(device), targets.to(device)
+
+
+def create_instruction_dataloader(
+    data: Sequence[dict],
+    batch_size: int = 8,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    allowed_max_length: int | None = 1024,
+    mask_prompt: bool = False,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    tokenizer: tiktoken.Encoding | None = None,
+    seed: int = 123,
+) -> DataLoader:
+    """A DataLoader of padded (inputs, targets) batches for instruction fine-tuning."""
+    dataset = InstructionDataset(data, tokenizer, with_prompt_length=mask_prompt)
+    collate = partial(instruction_collate, allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, device=device)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
