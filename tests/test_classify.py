@@ -1,0 +1,181 @@
+"""Tests for course_utils.classify: the classification head, last-token loss, accuracy, training."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from course_utils.classify import (
+    add_classification_head,
+    calc_accuracy_loader,
+    calc_loss_batch_classification,
+    calc_loss_loader_classification,
+    classify_text,
+    train_classifier_simple,
+)
+from course_utils.gpt import GPTConfig, GPTModel
+from course_utils.spam import LABELS, SpamDataset, load_spam_splits
+from course_utils.tokenizers import gpt2_tokenizer
+from course_utils.train import make_optimizer
+
+MAX_LEN = 24  # tokens per message in these tests
+
+
+def classifier(seed: int = 0, train_last_blocks: int = 1, **cfg) -> GPTModel:
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig.tiny(context_length=MAX_LEN, **cfg))
+    return add_classification_head(model, num_classes=2, train_last_blocks=train_last_blocks)
+
+
+class LastTokenParity(nn.Module):
+    """A stand-in model: at every position, logits say "class = token id % 2", except that
+    the last position is the only one where a real decision is made (earlier positions
+    always vote for class 0). Lets tests count correct answers by hand."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, 2)
+        logits = torch.zeros(*idx.shape, 2)
+        logits[..., 0] = 1.0  # earlier positions: class 0
+        last = idx[:, -1] % 2  # (B,)
+        logits[:, -1, :] = F.one_hot(last, 2).float() * 3.0
+        return logits
+
+
+# --- the head --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_last_blocks", [0, 1, 2])
+def test_only_head_last_blocks_and_final_norm_are_trainable(train_last_blocks):
+    model = classifier(train_last_blocks=train_last_blocks)
+    n_layers = model.cfg.n_layers
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {"out_head.weight", "out_head.bias", "final_norm.scale", "final_norm.shift"}
+    for block in range(n_layers - train_last_blocks, n_layers):
+        expected |= {f"trf_blocks.{block}.{name}" for name, _ in model.trf_blocks[block].named_parameters()}
+    assert trainable == expected
+    assert model.out_head.weight.shape == (2, model.cfg.emb_dim)
+
+
+def test_classification_head_unties_tied_weights():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.tiny(tie_weights=True))
+    assert model.out_head.weight is model.tok_emb.weight
+    embedding_before = model.tok_emb.weight.detach().clone()
+    add_classification_head(model, num_classes=3)
+    assert model.out_head.weight is not model.tok_emb.weight
+    assert model.out_head.weight.shape == (3, model.cfg.emb_dim)
+    assert not model.tok_emb.weight.requires_grad, "the embedding stays frozen"
+    assert model.out_head.weight.requires_grad
+    assert torch.equal(model.tok_emb.weight, embedding_before)
+    assert model.cfg.tie_weights is False
+    assert model(torch.randint(0, 100, (2, 5))).shape == (2, 5, 3)
+
+
+def test_bad_train_last_blocks_is_refused():
+    with pytest.raises(ValueError, match="train_last_blocks"):
+        classifier(train_last_blocks=5)
+
+
+# --- last-token loss and accuracy --------------------------------------------------------
+
+
+def test_loss_is_cross_entropy_of_the_last_position():
+    model = classifier()
+    inputs = torch.randint(0, 50257, (4, 10))
+    labels = torch.tensor([0, 1, 1, 0])
+    loss = calc_loss_batch_classification(inputs, labels, model, "cpu")
+    with torch.no_grad():
+        logits = model(inputs)  # (B, T, 2)
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits[:, -1], labels), rtol=1e-6, atol=1e-6)
+    assert not torch.isclose(loss.detach(), F.cross_entropy(logits[:, 0], labels)), "not the first position"
+
+    # causal attention: a change in an earlier (padding) token reaches the last position ...
+    changed = inputs.clone()
+    changed[:, 2] = 50256
+    changed_loss = calc_loss_batch_classification(changed, labels, model, "cpu").detach()
+    with torch.no_grad():
+        changed_logits = model(changed)
+    assert not torch.equal(changed_logits[:, -1], logits[:, -1])
+    # ... and the loss still equals the cross-entropy of the last position
+    torch.testing.assert_close(changed_loss, F.cross_entropy(changed_logits[:, -1], labels), rtol=1e-6, atol=1e-6)
+
+
+def test_loss_with_a_stub_model_reads_only_the_last_position():
+    inputs = torch.tensor([[4, 4, 3], [4, 4, 2]])  # last tokens: odd, even -> predicted 1, 0
+    labels = torch.tensor([1, 0])
+    loss = calc_loss_batch_classification(inputs, labels, LastTokenParity(), "cpu")
+    expected = F.cross_entropy(torch.tensor([[0.0, 3.0], [3.0, 0.0]]), labels)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_accuracy_equals_the_hand_count():
+    # predicted class = last token % 2 (see LastTokenParity)
+    inputs = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 4], [0, 5], [0, 6], [0, 7]])  # predicted 1,0,1,0,1,0,1
+    labels = torch.tensor([1, 0, 0, 0, 1, 1, 0])  # correct:            y y n y y n n
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=3)  # batches of 3, 3, 1
+    stub = LastTokenParity()
+    assert calc_accuracy_loader(loader, stub, "cpu") == pytest.approx(4 / 7)
+    assert calc_accuracy_loader(loader, stub, "cpu", num_batches=1) == pytest.approx(2 / 3)
+    assert calc_accuracy_loader(loader, stub, "cpu", num_batches=2) == pytest.approx(4 / 6)
+    empty = DataLoader(TensorDataset(inputs[:0], labels[:0]), batch_size=3)
+    assert math.isnan(calc_accuracy_loader(empty, stub, "cpu"))
+
+
+def test_accuracy_restores_train_mode():
+    model = classifier()
+    model.train()
+    loader = DataLoader(TensorDataset(torch.randint(0, 50257, (4, 6)), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    calc_accuracy_loader(loader, model, "cpu")
+    assert model.training
+
+
+# --- training and prediction ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spam_loaders() -> tuple[DataLoader, DataLoader, DataLoader]:
+    train_rows, val_rows, _ = load_spam_splits()
+    train_set = SpamDataset(train_rows[:48], max_length=MAX_LEN)
+    val_set = SpamDataset(val_rows[:16], max_length=MAX_LEN)
+    shuffled = DataLoader(train_set, batch_size=8, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    fixed = DataLoader(train_set, batch_size=8)  # same examples, fixed order, for measuring
+    return shuffled, DataLoader(val_set, batch_size=8), fixed
+
+
+def test_a_few_epochs_lower_the_training_loss(spam_loaders, capsys):
+    train_loader, val_loader, measure_loader = spam_loaders
+    model = classifier(train_last_blocks=1)
+    loss_before = calc_loss_loader_classification(measure_loader, model, "cpu")
+    acc_before = calc_accuracy_loader(measure_loader, model, "cpu")
+    optimizer = make_optimizer(model, lr=1e-3)
+    train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
+        model, train_loader, val_loader, optimizer, "cpu", num_epochs=5, eval_freq=3, eval_iter=2, show_progress=False
+    )
+    loss_after = calc_loss_loader_classification(measure_loader, model, "cpu")
+    acc_after = calc_accuracy_loader(measure_loader, model, "cpu")
+    assert loss_after < loss_before - 0.1, f"loss {loss_before:.3f} -> {loss_after:.3f}"
+    assert acc_after >= acc_before
+    steps = 5 * len(train_loader)
+    assert examples_seen == steps * 8
+    assert len(train_losses) == len(val_losses) == len(range(0, steps, 3))
+    assert len(train_accs) == len(val_accs) == 5
+    assert all(0.0 <= a <= 1.0 for a in train_accs + val_accs)
+    out = capsys.readouterr().out
+    assert out.count("Training accuracy:") == 5 and "Ep 1 (Step 000000): Train loss" in out
+
+
+def test_classify_text_matches_the_models_last_position():
+    model = classifier(seed=3)
+    tokenizer = gpt2_tokenizer()
+    names = {v: k for k, v in LABELS.items()}
+    for text in ["You are a winner! Call now to claim your prize", "See you at dinner tonight?"]:
+        ids = tokenizer.encode(text)[:MAX_LEN]
+        padded = torch.tensor([ids + [50256] * (MAX_LEN - len(ids))])
+        with torch.no_grad():
+            expected = names[int(model(padded)[0, -1].argmax())]
+        assert classify_text(text, model, tokenizer, "cpu", max_length=MAX_LEN) == expected
+        assert classify_text(text, model, tokenizer, "cpu") in {"spam", "ham"}
+    assert classify_text("hi", LastTokenParity(), tokenizer, "cpu", labels={"even": 0, "odd": 1}) in {"even", "odd"}
