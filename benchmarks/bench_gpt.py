@@ -1,0 +1,332 @@
+"""Speed of the course's GPTModel against Hugging Face transformers' GPT2LMHeadModel.
+
+Both models get the same configuration and the same weights (ours loaded from HF's
+state dict with course_utils.pretrained.load_gpt2_state_dict) and run in this one
+process, alternating (ours, HF, HF, ours, ...), so that a drift in machine speed hits
+both alike. Each case prints median tokens/s with the spread (min-max), the ratio
+ours/HF, and the extra memory each needed at its peak. The fp32 matmul rate of this
+machine is measured in the same run, and the 1x1024 forward is reported as a share of it.
+
+    python benchmarks/bench_gpt.py                  # GPT-2 small (124M), CPU, ~10 min on 2 cores
+    python benchmarks/bench_gpt.py --size tiny      # seconds: what CI runs so the script cannot rot
+    python benchmarks/bench_gpt.py --device cuda --bf16   # on a GPU: bf16 autocast, flash SDPA, fused AdamW
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+from course_utils.generate import generate
+from course_utils.gpt import GPTConfig, GPTModel
+from course_utils.pretrained import load_gpt2_state_dict
+from course_utils.train import make_optimizer
+
+# peak dense bf16 / fp32 FLOP/s of some cards, for model FLOP utilization on a GPU
+GPU_PEAK_FLOPS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}
+
+
+# --- memory ------------------------------------------------------------------------
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so RSS starts low
+    except OSError:
+        pass
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Extra memory a block of code needed at its peak, in MiB (CPU: RSS; GPU: allocator)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = 0.0
+
+    def __enter__(self):
+        _trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+            self.start = _status_kib("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM:") * 1024
+        self.mib = (peak - self.start) / 2**20
+
+
+# --- the two models ------------------------------------------------------------------
+
+def build_models(size: str, device: torch.device, drop_rate: float):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if size == "tiny":
+        cfg = GPTConfig.tiny(context_length=256, qkv_bias=True, tie_weights=True, drop_rate=drop_rate)
+    else:
+        cfg = GPTConfig.gpt2(size, qkv_bias=True, tie_weights=True, drop_rate=drop_rate)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
+        resid_pdrop=drop_rate, embd_pdrop=drop_rate, attn_pdrop=drop_rate, layer_norm_epsilon=1e-5,
+    )
+    torch.manual_seed(0)
+    hf_cfg._attn_implementation = "sdpa"  # HF's fastest CPU attention, as for ours
+    hf = GPT2LMHeadModel(hf_cfg).to(device)
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    ours = GPTModel(cfg).to(device)
+    load_gpt2_state_dict(ours, hf.state_dict())
+    return cfg, ours, hf
+
+
+def check_same_logits(ours, hf, cfg, device) -> float:
+    idx = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.context_length)), device=device)
+    ours.eval(), hf.eval()
+    with torch.inference_mode():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    return diff
+
+
+# --- cases ---------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    times: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "hf": []})
+    memory: dict[str, float] = field(default_factory=lambda: {"ours": 0.0, "hf": 0.0})
+
+    def rates(self, impl: str) -> list[float]:
+        return [self.tokens / t for t in self.times[impl]]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(name: str, tokens: int, make_step: dict[str, Callable[[], Callable[[], None]]],
+             repeats: int, warmup: int, device: torch.device) -> Result:
+    """Time ``repeats`` calls of each implementation's step, alternating the order."""
+    result = Result(name, tokens)
+    steps = {impl: factory() for impl, factory in make_step.items()}  # build optimizers etc. once
+    for impl, step in steps.items():
+        for _ in range(warmup):
+            step()
+        with PeakMemory(device) as mem:
+            step()
+        result.memory[impl] = mem.mib
+    for r in range(repeats):
+        order = ["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]
+        for impl in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[impl]()
+            _sync(device)
+            result.times[impl].append(time.perf_counter() - start)
+    del steps
+    _trim()
+    return result
+
+
+def forward_case(ours, hf, cfg, batch, seq, device, autocast):
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+
+    def factory(model, is_hf):
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast():
+                out = model(idx)
+                return out.logits if is_hf else out
+        return lambda: step
+
+    return {"ours": factory(ours, False), "hf": factory(hf, True)}
+
+
+def train_case(ours, hf, cfg, batch, seq, device, autocast, course_optimizer: bool):
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+
+    def factory(model, is_hf, use_course_optimizer):
+        def build():
+            model.train()
+            if use_course_optimizer:
+                opt = make_optimizer(model, lr=4e-4, weight_decay=0.1)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+
+            def step():
+                opt.zero_grad()
+                with autocast():
+                    out = model(inputs)
+                    logits = out.logits if is_hf else out
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss.backward()
+                opt.step()
+            return step
+        return build
+
+    # Both models train on a copy of the weights each run, so the optimizers start alike.
+    return {"ours": factory(ours, False, course_optimizer), "hf": factory(hf, True, False)}
+
+
+def generate_case(ours, hf, cfg, new_tokens, device, autocast):
+    prompt = torch.tensor([[6109, 3626, 6100, 345]], device=device)  # "Every effort moves you"
+
+    def ours_factory():
+        def step():
+            with autocast():
+                out = generate(ours, prompt, new_tokens, cfg.context_length, use_cache=True)
+            assert out.shape[1] == prompt.shape[1] + new_tokens
+        return step
+
+    def hf_factory():
+        hf.eval()
+
+        def step():
+            with torch.inference_mode(), autocast():
+                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=50256)
+            assert out.shape[1] == prompt.shape[1] + new_tokens
+        return step
+
+    return {"ours": ours_factory, "hf": hf_factory}
+
+
+# --- matmul rate and FLOPs -----------------------------------------------------------------
+
+def matmul_rate(device: torch.device, dtype=torch.float32, repeats: int = 10) -> float:
+    """Median FLOP/s of the GEMM shapes a GPT-2-small forward at 1x1024 spends its time in."""
+    shapes = [(1024, 768, 2304), (1024, 768, 3072), (1024, 3072, 768), (1024, 768, 50257)]
+    rates = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        t = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            t.append(time.perf_counter() - start)
+        rates.append(2 * m * k * n / statistics.median(t))
+    total_flops = sum(2 * m * k * n for m, k, n in shapes)
+    return total_flops / sum(2 * m * k * n / r for (m, k, n), r in zip(shapes, rates))
+
+
+def forward_flops(cfg: GPTConfig, seq: int) -> float:
+    """Matmul FLOPs of one forward over ``seq`` tokens: 2 per multiply-add.
+
+    Linear layers: 2 * seq * (weights of every Linear, head included). Causal attention:
+    Q K^T and weights @ V over the lower triangle, 2 * 2 * seq^2/2 * emb_dim per layer.
+    """
+    d, layers = cfg.emb_dim, cfg.n_layers
+    linear_weights = layers * (4 * d * d + 8 * d * d) + d * cfg.vocab_size
+    return 2 * seq * linear_weights + layers * 2 * seq * seq * d
+
+
+# --- report ----------------------------------------------------------------------------
+
+def fmt(rates: list[float]) -> str:
+    return f"{statistics.median(rates):9.1f} ({min(rates):.0f}-{max(rates):.0f})"
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="124M", choices=["tiny", "124M", "355M"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation and case")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cases", default="forward,train,generate")
+    parser.add_argument("--new-tokens", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tiny = args.size == "tiny"
+    repeats = args.repeats or (3 if tiny else 7)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else (
+        lambda: torch.autocast(device.type, enabled=False))
+
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+          f"{torch.get_num_threads()} threads, size {args.size}, {'bf16 autocast' if args.bf16 else 'fp32'}")
+    cfg, ours, hf = build_models(args.size, device, drop_rate=0.1)
+    print(f"same weights: max |logits ours - HF| = {check_same_logits(ours, hf, cfg, device):.2e}")
+
+    long_seq = min(1024, cfg.context_length)
+    cases = args.cases.split(",")
+    results: list[Result] = []
+    if "forward" in cases:
+        results.append(run_case(f"forward 1x{long_seq}", long_seq,
+                                forward_case(ours, hf, cfg, 1, long_seq, device, autocast), repeats, 1, device))
+        results.append(run_case("forward 8x128", 8 * 128,
+                                forward_case(ours, hf, cfg, 8, 128, device, autocast), repeats, 1, device))
+    if "train" in cases:
+        results.append(run_case("train step 2x256, AdamW both", 512,
+                                train_case(ours, hf, cfg, 2, 256, device, autocast, False), repeats, 2, device))
+        results.append(run_case("train step 2x256, course optimizer vs HF AdamW", 512,
+                                train_case(ours, hf, cfg, 2, 256, device, autocast, True), repeats, 2, device))
+    if "generate" in cases:
+        results.append(run_case(f"greedy generate {args.new_tokens} tokens, KV cache", args.new_tokens,
+                                generate_case(ours, hf, cfg, args.new_tokens, device, autocast),
+                                max(3, repeats // 2), 1, device))
+
+    print()
+    print(f"| case | ours tok/s (min-max) | HF tok/s (min-max) | ours/HF | ours peak MiB | HF peak MiB |")
+    print(f"|---|---|---|---|---|---|")
+    for r in results:
+        ratio = statistics.median(r.rates("ours")) / statistics.median(r.rates("hf"))
+        print(f"| {r.name} | {fmt(r.rates('ours'))} | {fmt(r.rates('hf'))} | {ratio:.2f}x | "
+              f"{r.memory['ours']:.0f} | {r.memory['hf']:.0f} |")
+
+    if results and results[0].name.startswith("forward 1x"):
+        rate = matmul_rate(device)
+        fwd = results[0]
+        achieved = {impl: forward_flops(cfg, long_seq) / statistics.median(fwd.times[impl]) for impl in ("ours", "hf")}
+        print(f"\nfp32 matmul rate (GPT-2 GEMM shapes): {rate / 1e9:.0f} GFLOP/s; forward 1x{long_seq}: "
+              f"ours {achieved['ours'] / 1e9:.0f} GFLOP/s = {achieved['ours'] / rate:.0%} of it, "
+              f"HF {achieved['hf'] / 1e9:.0f} GFLOP/s = {achieved['hf'] / rate:.0%}")
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+            if peak:
+                p = peak[0] if args.bf16 else peak[1]
+                print(f"model FLOP utilization vs {name} peak {p / 1e12:.0f} TFLOP/s: ours {achieved['ours'] / p:.1%}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
