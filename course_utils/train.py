@@ -188,6 +188,15 @@ def _log(message: str) -> None:
         tqdm.write(message)
 
 
+def check_eval_schedule(eval_freq: int, eval_iter: int) -> None:
+    """Refuse evaluation settings that would crash mid-training or measure nothing."""
+    if eval_freq < 1 or eval_iter < 1:
+        raise ValueError(
+            f"eval_freq and eval_iter must be at least 1 (got eval_freq={eval_freq}, eval_iter={eval_iter}): "
+            f"evaluate every eval_freq steps on eval_iter batches."
+        )
+
+
 def _progress_bar(total: int, show_progress: bool, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="step", disable=not (show_progress and is_main_process()))
 
@@ -213,6 +222,7 @@ def train_model_simple(
     trained on so far by all processes together. A greedy sample from
     ``start_context`` is printed after each epoch.
     """
+    check_eval_schedule(eval_freq, eval_iter)
     train_losses: list[float] = []
     val_losses: list[float] = []
     track_tokens_seen: list[int] = []
@@ -281,6 +291,7 @@ def train_model(
     per evaluation, as in :func:`train_model_simple`) and ``track_lrs`` (one entry
     per optimizer step).
     """
+    check_eval_schedule(eval_freq, eval_iter)
     if peak_lr is None:
         peak_lr = optimizer.param_groups[0]["lr"]
     total_steps = n_epochs * len(train_loader)
