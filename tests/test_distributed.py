@@ -86,8 +86,12 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     ddp = json.loads(out.read_text())
     assert ddp["world_size"] == 2
 
-    torch.set_num_threads(1)
-    single = ddp_script.run(per_rank_batch=ddp_script.PER_RANK_BATCH * ddp_script.N_PROCESSES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each torchrun process: same kernels, same rounding
+    try:
+        single = ddp_script.run(per_rank_batch=ddp_script.PER_RANK_BATCH * ddp_script.N_PROCESSES)
+    finally:
+        torch.set_num_threads(threads)
     assert single["world_size"] == 1
 
     n_steps = ddp_script.EPOCHS * ddp_script.N_TRAIN // (ddp_script.PER_RANK_BATCH * ddp_script.N_PROCESSES)
