@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .distributed import all_reduce_sum, all_reduce_tensor_sum, is_main_process, set_epoch, unwrap_model
 from .spam import LABELS
 from .tokenizers import GPT2_EOT_ID
-from .train import calc_loss_loader, check_eval_schedule, evaluate_model
+from .train import calc_loss_loader, check_eval_schedule, evaluate_model, prepare_device_for_training
 
 
 def add_classification_head(model: nn.Module, num_classes: int = 2, train_last_blocks: int = 1) -> nn.Module:
@@ -113,6 +113,7 @@ def train_classifier_simple(
     training examples over all processes. Only rank 0 prints.
     """
     check_eval_schedule(eval_freq, eval_iter)
+    prepare_device_for_training(device)
     train_losses: list[float] = []
     val_losses: list[float] = []
     train_accs: list[float] = []

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .device import tune_cpu_allocator
 from .distributed import all_reduce_sum, all_reduce_tensor_sum, is_main_process, set_epoch, unwrap_model
 from .generate import generate, text_to_token_ids, token_ids_to_text
 
@@ -197,6 +198,13 @@ def check_eval_schedule(eval_freq: int, eval_iter: int) -> None:
         )
 
 
+def prepare_device_for_training(device: torch.device | str) -> None:
+    """Per-device set-up the training loops do first: on the CPU, keep freed memory
+    for reuse between steps (see :func:`course_utils.device.tune_cpu_allocator`)."""
+    if torch.device(device).type == "cpu":
+        tune_cpu_allocator()
+
+
 def _progress_bar(total: int, show_progress: bool, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="step", disable=not (show_progress and is_main_process()))
 
@@ -223,6 +231,7 @@ def train_model_simple(
     ``start_context`` is printed after each epoch.
     """
     check_eval_schedule(eval_freq, eval_iter)
+    prepare_device_for_training(device)
     train_losses: list[float] = []
     val_losses: list[float] = []
     track_tokens_seen: list[int] = []
@@ -292,6 +301,7 @@ def train_model(
     per optimizer step).
     """
     check_eval_schedule(eval_freq, eval_iter)
+    prepare_device_for_training(device)
     if peak_lr is None:
         peak_lr = optimizer.param_groups[0]["lr"]
     total_steps = n_epochs * len(train_loader)
