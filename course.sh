@@ -5,6 +5,7 @@
 #   ./course.sh book     build the course site from the notebooks (HTML in _build/html/)
 #   ./course.sh test     run the test suite, then every book notebook with nbval (offline, quick mode)
 #   ./course.sh demo     pretrain a small GPT on "The Verdict", print losses and a sample
+#   ./course.sh grade-demo  autograde a made-up class with nbgrader in a temporary folder; print the scores
 #   ./course.sh setup    install only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -58,8 +59,12 @@ case "$cmd" in
     fi
     exit "$status"
     ;;
+  grade-demo)
+    setup
+    COURSE_SMOKE=${COURSE_SMOKE:-1} "$PYTHON" -m course_utils.grading_demo "$@"
+    ;;
   *)
-    sed -n '2,8p' "$0"
+    sed -n '2,9p' "$0"
     exit 2
     ;;
 esac
