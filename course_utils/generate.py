@@ -69,8 +69,9 @@ def generate(
 ) -> torch.Tensor:
     """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
 
-    The model sees at most the last ``context_size`` tokens. With ``use_cache`` the
-    keys and values of earlier tokens are kept, so each step runs the model on one
+    The model sees at most the last ``context_size`` tokens. With ``use_cache`` (and a
+    model that has ``new_cache()``, like ``GPTModel``; any other model runs uncached)
+    the keys and values of earlier tokens are kept, so each step runs the model on one
     token; when the window is full the cache is rebuilt from the last
     ``context_size`` tokens, giving exactly the tokens the uncached loop gives.
 
@@ -82,9 +83,7 @@ def generate(
     was_training = model.training
     model.eval()
     cache = None
-    if use_cache:
-        if not hasattr(model, "new_cache"):
-            raise TypeError("use_cache=True needs a model with new_cache() (course_utils.gpt.GPTModel).")
+    if use_cache and hasattr(model, "new_cache"):  # other models (e.g. your own) run uncached
         cache = model.new_cache()
         context_size = min(context_size, cache.capacity)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)

@@ -265,3 +265,17 @@ def test_text_id_helpers_round_trip():
     ids = text_to_token_ids("Every effort moves you", tok)
     assert ids.shape == (1, 4)
     assert token_ids_to_text(ids, tok) == "Every effort moves you"
+
+
+def test_generate_runs_models_without_a_cache_uncached():
+    class Plain(torch.nn.Module):  # e.g. a student's model: forward(idx) only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    model = GPTModel(GPTConfig.tiny())
+    idx = torch.randint(0, 50257, (1, 3))
+    assert torch.equal(generate(Plain(model), idx, 6, 64), generate(model, idx, 6, 64))
