@@ -78,7 +78,7 @@ from .gpt import LayerNorm as _RefLayerNorm
 from .gpt import TransformerBlock as _RefTransformerBlock
 from .gpt import gelu_tanh
 from .instruct import instruction_collate as _ref_instruction_collate
-from .tokenizers import ENDOFTEXT, UNK, SimpleTokenizer, build_vocab, gpt2_tokenizer, split_text
+from .tokenizers import UNK, SimpleTokenizer, build_vocab, gpt2_tokenizer, split_text
 
 __all__ = [
     "Tolerance",
@@ -657,14 +657,9 @@ def check_dropout_behaviour(
 # --- chapter 2: tokenizer, sliding windows, embeddings -------------------------------------
 
 _DEFAULT_TOKENIZER_TEXTS = (
-    "It's the last he painted, you know,",
-    'Mrs. Gisburn said with pardonable pride.',
     "I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough.",
-    "Hello, do you like tea? <|endoftext|> In the sunlit terraces of the palace.",
-)
-_OTHER_TOKENIZER_TEXT = (
-    "The cat sat on the mat. The dog -- a large one -- did not! Would it? "
-    "\"Yes,\" said the cat: 'no' (twice); then the dog_ran away."
+    '"Oh, I never said that!" she laughed; (and then: silence.)',
+    "Good morning, robots! Are the spreadsheets ready? <|endoftext|> The villa was quiet.",
 )
 
 
@@ -778,7 +773,7 @@ def check_sliding_window_dataset(
             if tuple(got.shape) != tuple(exp.shape) or not torch.equal(got, exp):
                 cause = None
                 if what == "target_ids" and torch.equal(got, exp_in):
-                    cause = "the targets equal the inputs: they must be shifted one token to the right (ids[start+1 : start+max_length+1])."
+                    cause = "the targets are not shifted: they equal the inputs, but target j must be the token after input j (ids[start+1 : start+max_length+1])."
                 elif what == "input_ids" and i > 0 and torch.equal(got, ids[i: i + max_length]):
                     cause = "window i starts at token i: it must start at i * stride."
                 raise AssertionError(_message(
@@ -1153,19 +1148,17 @@ def check_layer_norm(
     x = seeded_randn(batch_size, num_tokens, emb_dim, seed=seed, dtype=dtype) * 2.0 + 0.5
     tiny = x * 1e-3  # variance ~4e-6: eps = 1e-5 changes the result a lot here
     student.eval()
+    fresh_ref = _RefLayerNorm(emb_dim).to(dtype)  # scale ones, shift zeros
     with torch.no_grad():
         fresh = _call(student, x.clone(), what="LayerNorm.forward", case=case)
-    check_shape(fresh, x.shape, name="LayerNorm", case=case)
-    mean, var = fresh.mean(dim=-1), fresh.var(dim=-1, unbiased=False)
-    tol = Tolerance(1e-4, 0.0) if dtype != torch.float64 else Tolerance(1e-8, 0.0)
-    if not (bool(torch.allclose(mean, torch.zeros_like(mean), atol=tol.atol))
-            and bool(torch.allclose(var, torch.ones_like(var), atol=1e-3))):
-        raise AssertionError(_message(
-            "LayerNorm: a freshly created LayerNorm must give each row mean 0 and variance 1.", case=case,
-            lines=[f"row means: {_fmt_values(mean)}", f"row variances: {_fmt_values(var)}"],
-            hint="initialise scale = nn.Parameter(torch.ones(emb_dim)) and shift = nn.Parameter(torch.zeros(emb_dim)); "
-                 "normalise over the last dimension.",
-        ))
+        check_tensor_close(
+            fresh, fresh_ref(x), name="LayerNorm, freshly created", case=case,
+            diagnoses=lambda: _layer_norm_variants(fresh_ref, x) + [
+                (torch.zeros_like(x), "scale starts at zeros; it must start at ones (and shift at zeros).")],
+            hint="a fresh LayerNorm gives each row mean 0 and variance 1: initialise scale = "
+                 "nn.Parameter(torch.ones(emb_dim)) and shift = nn.Parameter(torch.zeros(emb_dim)), and normalise "
+                 "over the last dimension.",
+        )
     reference = _RefLayerNorm(emb_dim).to(dtype)
     check_module_against_reference(
         student, reference, [(case, (x,)), (f"{case}, values scaled by 1e-3 (eps matters)", (tiny,))],
@@ -1432,7 +1425,7 @@ def check_instruction_collate(
             if what == "targets":
                 if not (g_t == ignore_index).any():
                     cause = f"no padding position is masked with {ignore_index}: the loss would learn to predict padding."
-                elif torch.equal(g_t.long(), torch.where(exp_in == pad_token_id, torch.full_like(exp_in, ignore_index), exp_in)):
+                elif torch.equal(g_t.long()[g_t != ignore_index], exp_in[g_t != ignore_index]):
                     cause = "the targets are not shifted: target j must be input j + 1."
                 elif ((g_t == ignore_index) | (g_t == pad_token_id)).sum() == ((e_t == ignore_index) | (e_t == pad_token_id)).sum():
                     cause = f"the first padding token after each text must stay a target ({pad_token_id}, 'stop here'); only the later ones become {ignore_index}."
