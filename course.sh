@@ -39,7 +39,7 @@ case "$cmd" in
     # -W: any warning fails the build; -n: also warn on unresolved references. The pages
     # show the outputs committed with the notebooks (see README, "The course site").
     jupyter_book build -W -n --keep-going . "$@"
-    echo "Site built in $(( $(date +%s) - start )) s: open _build/html/index.html"
+    echo "Site built in $(( $(date +%s) - start )) s: open _build/html/index.html (or index.html under --path-output)"
     ;;
   test)
     setup
