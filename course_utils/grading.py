@@ -217,15 +217,16 @@ def _call(fn: Callable, *args: Any, what: str, case: str | None = None, hint: st
 Diagnoses = Sequence[tuple[Any, str]] | Callable[[], Sequence[tuple[Any, str]]]
 
 
-def check_shape(got: Any, expected_shape: Sequence[int], *, name: str = "output", case: str | None = None,
+def check_shape(got: Any, expected_shape: Sequence[int] | None, *, name: str = "output", case: str | None = None,
                 hint: str | None = None) -> None:
-    """Fail unless ``got`` is a tensor of exactly ``expected_shape``."""
+    """Fail unless ``got`` is a tensor of exactly ``expected_shape`` (any shape when None)."""
     if not isinstance(got, torch.Tensor):
+        shape = f" of shape {_fmt_shape(expected_shape)}" if expected_shape is not None else ""
         raise AssertionError(_message(
-            f"{name}: expected a torch.Tensor of shape {_fmt_shape(expected_shape)}, got {type(got).__name__}.",
+            f"{name}: expected a torch.Tensor{shape}, got {type(got).__name__}.",
             case=case, hint=hint or "return a tensor (did you forget a `return`?).",
         ))
-    if tuple(got.shape) != tuple(expected_shape):
+    if expected_shape is not None and tuple(got.shape) != tuple(expected_shape):
         lines = [f"expected shape {_fmt_shape(expected_shape)}, got {_fmt_shape(got.shape)}"]
         if sorted(got.shape) == sorted(expected_shape):
             lines.append("the sizes are right but in another order: check your transpose/view/permute calls")
@@ -586,6 +587,7 @@ def check_causal(
     with torch.no_grad():
         before = _call(fn, x.clone(), what=name, case=case)
         after = _call(fn, changed, what=name, case=case)
+    check_shape(before, None, name=name, case=case)
     check_shape(after, before.shape, name=name, case=case)
     tol = tol or default_tolerance(before.dtype)
     early_same = torch.isclose(before[:, :position], after[:, :position], atol=tol.atol, rtol=tol.rtol)
@@ -629,6 +631,7 @@ def check_dropout_behaviour(
             torch.manual_seed(1)
             first = _call(module, *make_input(), what=f"{name}.forward", case=case, hint=call_hint)
             second = _call(module, *make_input(), what=f"{name}.forward", case=case, hint=call_hint)
+        check_shape(first, None, name=f"{name} output", case=case)
         if not torch.equal(first, second):
             raise AssertionError(_message(
                 f"{name}: two calls in eval mode gave different outputs.",
