@@ -96,3 +96,35 @@ def test_pages_with_widgets_embed_the_widget_state(site):
             assert 'type="application/vnd.jupyter.widget-state+json"' in page(site, name), (
                 f"{name}: widgets on the page but no saved widget state to draw them from"
             )
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (optional: apt-get install chromium)")
+@pytest.mark.parametrize("name", ["book/intro", "book/appendix_a_pytorch"])
+def test_page_renders_in_headless_chromium(site, name, tmp_path):
+    """Optional: a real browser draws the page (text, code and figures), not a blank screen."""
+    import matplotlib.image
+
+    shot = tmp_path / "page.png"
+    command = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,4000",
+        "--virtual-time-budget=15000",  # let the theme's scripts run before the picture is taken
+        f"--screenshot={shot}", (site / f"{name}.html").as_uri(),
+    ]
+    subprocess.run(command, capture_output=True, timeout=120)
+    assert shot.exists(), "Chromium wrote no screenshot"
+    pixels = matplotlib.image.imread(shot)[..., :3]  # (H, W, 3) floats in [0, 1]
+    inked = (pixels.min(axis=-1) < 0.8).mean()  # share of pixels that are not (near) white
+    colourful = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3).mean()  # figures and highlighted code
+    assert inked > 0.02, f"{name}: the page looks blank ({inked:.1%} of pixels drawn)"
+    assert colourful > 0.001, f"{name}: nothing in colour on the page ({colourful:.2%})"
