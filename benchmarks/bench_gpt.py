@@ -32,7 +32,7 @@ from course_utils.device import tune_cpu_allocator
 from course_utils.generate import generate
 from course_utils.gpt import GPTConfig, GPTModel
 from course_utils.pretrained import load_gpt2_state_dict
-from course_utils.train import make_optimizer
+from course_utils.train import calc_loss_batch, make_optimizer, prepare_device_for_training
 
 # peak dense bf16 / fp32 FLOP/s of some cards, for model FLOP utilization on a GPU
 GPU_PEAK_FLOPS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}
@@ -195,8 +195,78 @@ def train_case(ours, hf, cfg, batch, seq, device, autocast, course_optimizer: bo
             return step
         return build
 
-    # Both models train on a copy of the weights each run, so the optimizers start alike.
     return {"ours": factory(ours, False, course_optimizer), "hf": factory(hf, True, False)}
+
+
+# --- the course's training loop vs HF as a user would run it, in separate processes -----
+
+WORKERS = ("ours-course", "hf-plain")
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """One fresh process timing ``args.steps`` training steps of one implementation.
+
+    ours-course: the step of course_utils.train's loops (calc_loss_batch, make_optimizer,
+    and the CPU allocator setting those loops apply). hf-plain: GPT2LMHeadModel with a
+    plain torch.optim.AdamW in a default process, as a user of transformers would run it.
+    Prints one JSON line: the step times and the extra memory at the peak.
+    """
+    import json
+
+    device = torch.device(args.device)
+    cfg, ours, hf = build_models(args.size, device, drop_rate=0.1)
+    idx = torch.randint(0, cfg.vocab_size, (2, 257), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    if args.worker == "ours-course":
+        del hf
+        model = ours.train()
+        prepare_device_for_training(device)
+        optimizer = make_optimizer(model, lr=4e-4, weight_decay=0.1)
+
+        def step():
+            optimizer.zero_grad()
+            calc_loss_batch(inputs, targets, model, device).backward()
+            optimizer.step()
+    else:
+        del ours
+        model = hf.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+
+        def step():
+            optimizer.zero_grad()
+            logits = model(inputs).logits
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+            optimizer.step()
+    times = []
+    with PeakMemory(device) as mem:
+        for i in range(args.steps + 2):  # two warm-up steps
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times, "peak_mib": mem.mib}))
+
+
+def course_loop_case(args: argparse.Namespace, rounds: int) -> Result:
+    """Alternate fresh worker processes (ours, HF, HF, ours, ...) and pool their steps."""
+    import json
+    import subprocess
+
+    result = Result("train step 2x256, course loop vs HF + AdamW (separate processes)", 512)
+    for r in range(rounds):
+        for impl in (WORKERS if r % 2 == 0 else WORKERS[::-1]):
+            cmd = [sys.executable, __file__, "--worker", impl, "--size", args.size, "--device", args.device,
+                   "--steps", str(args.steps)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            data = json.loads(out.stdout.strip().splitlines()[-1])
+            key = "ours" if impl == "ours-course" else "hf"
+            result.times[key].extend(data["times"])
+            result.memory[key] = max(result.memory[key], data["peak_mib"])
+    return result
 
 
 def generate_case(ours, hf, cfg, new_tokens, device, autocast):
@@ -277,7 +347,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default="forward,train,generate")
     parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)  # internal: one isolated run
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per isolated worker process")
     args = parser.parse_args(argv)
+    if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        worker_main(args)
+        return []
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,8 +385,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if "train" in cases:
         results.append(run_case("train step 2x256, AdamW both", 512,
                                 train_case(ours, hf, cfg, 2, 256, device, autocast, False), repeats, 2, device))
-        results.append(run_case("train step 2x256, course optimizer vs HF AdamW", 512,
+        results.append(run_case("train step 2x256, fused AdamW (course optimizer) vs HF AdamW", 512,
                                 train_case(ours, hf, cfg, 2, 256, device, autocast, True), repeats, 2, device))
+        if device.type == "cpu" and not args.bf16:
+            results.append(course_loop_case(args, rounds=2 if tiny else 4))
     if "generate" in cases:
         results.append(run_case(f"greedy generate {args.new_tokens} tokens, KV cache", args.new_tokens,
                                 generate_case(ours, hf, cfg, args.new_tokens, device, autocast),

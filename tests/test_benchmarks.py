@@ -27,7 +27,7 @@ def test_bench_gpt_tiny_runs_every_case():
     diff = float(out.split("max |logits ours - HF| = ")[1].split()[0])
     assert diff < 1e-4, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "tok/s" not in line]
-    assert len(rows) == 5, out
+    assert len(rows) == 6, out
     for row in rows:
         ratio = float(row.split("|")[4].strip().rstrip("x"))
         assert ratio > 0, row
