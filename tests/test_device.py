@@ -46,26 +46,36 @@ def test_smoke_mode_and_pick(monkeypatch, value, expected):
 FAULTS_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
+    import torch.nn.functional as F
     from course_utils.device import tune_cpu_allocator
+    from course_utils.gpt import GPTConfig, GPTModel
     if sys.argv[1] == "tuned":
         assert tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.tiny())
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, 50257, (8, 65))  # logits of 8 x 64 x 50257 floats: a 100 MB block each step
     def faults_of_one_step():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.ones(64, 1024, 1024)  # 256 MiB, allocated and freed like an activation
-        del x
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        optimizer.step()
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    faults_of_one_step()  # the first allocation always faults its pages in
-    print(min(faults_of_one_step() for _ in range(3)))
+    for _ in range(3):  # warm-up: the first steps fault their memory in either way
+        faults_of_one_step()
+    print(sum(faults_of_one_step() for _ in range(3)))
     """
 )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting is Linux-only")
-def test_tuned_allocator_reuses_memory_without_page_faults():
+def test_tuned_allocator_saves_most_page_faults_of_training_steps():
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.strip())
 
-    pages = 256 * 1024 * 1024 // 4096
-    assert faults("default") > pages // 2  # glibc hands the block back and faults it in again
-    assert faults("tuned") < pages // 100  # the freed block is reused as it is
+    default, tuned = faults("default"), faults("tuned")
+    # glibc maps and unmaps every large block: ~100k faults per step here (seen 113k-120k)
+    assert default > 150_000, default
+    # reused heap memory: mostly 0 per step, with an occasional re-fault of one block (seen 0-25k)
+    assert tuned < default // 4, (tuned, default)
