@@ -23,16 +23,7 @@ from course_utils.generate import generate
 from course_utils.gpt import GELU, FeedForward, GPTModel, LayerNorm, TransformerBlock, gelu_tanh
 from course_utils.instruct import instruction_collate
 from course_utils.tokenizers import UNK, SimpleTokenizer
-
-
-def fails(check, *args, words=(), **kwargs) -> str:
-    """Run a check that must fail; assert its message contains every word (case-insensitive)."""
-    with pytest.raises(AssertionError) as info:
-        check(*args, **kwargs)
-    message = str(info.value)
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in message:\n{message}"
-    return message
+from grading_asserts import fails
 
 
 # --- general helpers -----------------------------------------------------------------------
