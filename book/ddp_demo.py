@@ -19,7 +19,6 @@ rank after ``backward()`` because DDP averaged them.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -44,26 +43,13 @@ from course_utils.distributed import (
     wrap_model,
 )
 from course_utils.settings import pick
+from course_utils.toy_data import make_moons  # the data appendix A builds by hand
 
 N_SAMPLES = pick(1024, 256)  # training points
 EPOCHS = pick(30, 3)
 PER_RANK_BATCH = 16  # samples per process per step; the global batch is this times the world size
 LR = 0.01
 SEED = 123
-
-
-def make_moons(n: int, noise: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two interleaving half circles in 2-D: ``n`` points (n, 2) and labels 0/1 (n,)."""
-    generator = torch.Generator().manual_seed(seed)
-    n0 = n // 2
-    n1 = n - n0
-    angle0 = torch.rand(n0, generator=generator) * math.pi
-    angle1 = torch.rand(n1, generator=generator) * math.pi
-    upper = torch.stack([torch.cos(angle0), torch.sin(angle0)], dim=1)  # (n0, 2)
-    lower = torch.stack([1 - torch.cos(angle1), 0.5 - torch.sin(angle1)], dim=1)  # (n1, 2)
-    X = torch.cat([upper, lower]) + noise * torch.randn(n, 2, generator=generator)
-    y = torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)])
-    return X, y
 
 
 class MLP(nn.Module):

@@ -73,6 +73,7 @@ from .lora import LinearWithLoRA as _RefLinearWithLoRA
 from .lora import LoRALayer as _RefLoRALayer
 from .lora import replace_linear_with_lora as _ref_replace_linear_with_lora
 from .tokenizers import GPT2_EOT_ID
+from .toy_data import make_moons
 from .train import calc_loss_batch as _ref_loss_batch
 from .train import calc_loss_loader as _ref_loss_loader
 from .train import evaluate_model as _ref_evaluate_model
@@ -1126,20 +1127,6 @@ def check_mlp(
         transfer_hint="create nn.Linear(n_inputs, n_hidden), nn.Linear(n_hidden, n_hidden) and nn.Linear(n_hidden, n_classes), in that order.",
         hint="self.layers = nn.Sequential(Linear(n_inputs, n_hidden), ReLU(), Linear(n_hidden, n_hidden), ReLU(), Linear(n_hidden, n_classes)).",
     )
-
-
-def make_moons(n: int, noise: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two interleaving half circles: points (n, 2) and labels (n,) 0/1, from a private generator."""
-    g = torch.Generator().manual_seed(seed)
-    n0 = n // 2
-    n1 = n - n0
-    t0 = torch.rand(n0, generator=g) * math.pi
-    t1 = torch.rand(n1, generator=g) * math.pi
-    upper = torch.stack([torch.cos(t0), torch.sin(t0)], dim=1)
-    lower = torch.stack([1 - torch.cos(t1), 0.5 - torch.sin(t1)], dim=1)
-    points = torch.cat([upper, lower]) + noise * torch.randn(n, 2, generator=g)
-    labels = torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)])
-    return points, labels
 
 
 def _ref_train_epochs(model: nn.Module, train_loader: DataLoader, optimizer: torch.optim.Optimizer, num_epochs: int,
