@@ -12,6 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .tokenizers import gpt2_tokenizer
 
+# A target equal to this id is skipped by F.cross_entropy (its default ignore_index):
+# the course marks padding and prompt tokens with it so they add nothing to the loss.
+IGNORE_INDEX = -100
+
 
 class SlidingWindowDataset(Dataset):
     """Windows of ``max_length`` tokens, starting every ``stride`` tokens.

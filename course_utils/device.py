@@ -1,13 +1,16 @@
-"""Where tensors live: picking a device, seeding, and a one-line environment report."""
+"""Where and how tensors run: picking a device, seeding, eval mode, and a one-line environment report."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from .settings import smoke_mode
 
@@ -106,3 +109,20 @@ def tune_cpu_allocator() -> bool:
     applied = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
     _allocator_tuned = applied
     return applied
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode (dropout off), then restore its mode.
+
+    Every module's own ``training`` flag is put back as it was, so a model that was
+    partly frozen in eval mode (e.g. a frozen backbone) comes back unchanged, even
+    when the block raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training

@@ -232,6 +232,17 @@ class GPTModel(nn.Module):
         return self.out_head(x)  # (B, T, vocab)
 
 
+def context_length_of(model: nn.Module) -> int | None:
+    """The longest input ``model`` accepts: its config's ``context_length``, else the
+    rows of its position embedding; None for a model that says neither."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "context_length", None) is not None:
+        return int(cfg.context_length)
+    pos_emb = getattr(model, "pos_emb", None)
+    weight = getattr(pos_emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of distinct parameters (a tied matrix counts once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -16,9 +16,8 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data import IGNORE_INDEX
 from .tokenizers import GPT2_EOT_ID, gpt2_tokenizer
-
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
