@@ -28,13 +28,13 @@ def main(argv: list[str]) -> None:
         args = ["--size", "tiny", "--epochs", "1", "--context-length", "64"]
     else:
         args = ["--size", "124M", "--epochs", "10", "--context-length", "256",
-                "--batch-size", "2", "--eval-freq", "5", "--eval-iter", "5"]
+                "--batch-size", "2", "--eval-every", "5", "--eval-batches", "5"]
     start = time.perf_counter()
     result = demo_main(args + ["--no-progress"])
     wall = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"\nwhole job: {wall:.1f} s wall, peak RSS {peak_gib:.2f} GiB, final train loss "
-          f"{result['train_losses'][-1]:.2f}, val loss {result['val_losses'][-1]:.2f}")
+          f"{result['history']['train_loss'][-1]:.2f}, val loss {result['history']['val_loss'][-1]:.2f}")
     if not tiny:
         print(f"vs the book's code ({REFERENCE_SECONDS:.0f} s, {REFERENCE_PEAK_GIB} GiB): "
               f"{wall / REFERENCE_SECONDS:.2f}x the time, {peak_gib / REFERENCE_PEAK_GIB:.2f}x the memory")

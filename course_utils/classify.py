@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, all_reduce_tensor_sum, is_main_process, set_epoch, unwrap_model
+from .device import eval_mode
+from .distributed import unwrap_model
+from .gpt import context_length_of
+from .history import History
 from .spam import LABELS
 from .tokenizers import GPT2_EOT_ID
-from .train import calc_loss_loader, check_eval_schedule, evaluate_model, prepare_device_for_training
+from .train import calc_loss_loader, count_examples, evaluate, fit
 
 
 def add_classification_head(model: nn.Module, num_classes: int = 2, train_last_blocks: int = 1) -> nn.Module:
@@ -63,8 +65,25 @@ def calc_loss_batch_classification(
 def calc_loss_loader_classification(
     loader: DataLoader, model: nn.Module, device: torch.device | str, num_batches: int | None = None
 ) -> float:
-    """Mean classification loss over the first ``num_batches`` batches (NaN if none)."""
+    """Mean classification loss per example over the first ``num_batches`` batches (NaN if none)."""
     return calc_loss_loader(loader, model, device, num_batches, loss_fn=calc_loss_batch_classification)
+
+
+def classification_measure(input_batch, target_batch, model, device) -> dict[str, tuple[torch.Tensor, int]]:
+    """Loss and accuracy of one batch from a single forward pass (a measure for :func:`evaluate`).
+
+    Both come from the last position's logits: the summed cross-entropy and the
+    number of examples whose largest logit is the label, each over the batch's examples.
+    """
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)[:, -1, :]  # (B, classes)
+    n = target_batch.numel()
+    loss_sum = F.cross_entropy(logits, target_batch, reduction="sum")
+    correct = (logits.argmax(dim=-1) == target_batch).sum()
+    return {"loss": (loss_sum, n), "acc": (correct, n)}
+
+
+classification_measure.names = ("acc", "loss")
 
 
 def calc_accuracy_loader(
@@ -75,100 +94,39 @@ def calc_accuracy_loader(
     Runs in eval mode without gradients and restores the model's mode. Counts are
     summed over all processes when distributed.
     """
-    plain = unwrap_model(model)
-    was_training = plain.training
-    plain.eval()
-    n = len(loader) if num_batches is None else min(num_batches, len(loader))
-    correct, total = 0, 0
-    try:
-        with torch.no_grad():
-            for i, (input_batch, target_batch) in enumerate(loader):
-                if i >= n:
-                    break
-                input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-                predicted = plain(input_batch)[:, -1, :].argmax(dim=-1)  # (B,)
-                correct += int((predicted == target_batch).sum())
-                total += target_batch.numel()
-    finally:
-        plain.train(was_training)
-    correct_sum, total_sum = all_reduce_tensor_sum(torch.tensor([correct, total], dtype=torch.float64)).tolist()
-    return correct_sum / total_sum if total_sum > 0 else float("nan")
+    return evaluate(model, loader, device, num_batches, classification_measure)["acc"]
 
 
-def train_classifier_simple(
+def train_classifier(
     model: nn.Module,
     train_loader: DataLoader,
     val_loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
+    *,
     num_epochs: int,
-    eval_freq: int,
-    eval_iter: int,
+    eval_every: int,
+    eval_batches: int | None = None,
+    max_grad_norm: float | None = None,
+    history: History | None = None,
     show_progress: bool = True,
-) -> tuple[list[float], list[float], list[float], list[float], int]:
-    """Chapter 6's loop; returns ``(train_losses, val_losses, train_accs, val_accs, examples_seen)``.
+    log: bool = True,
+) -> History:
+    """Fine-tune a classifier; returns the :class:`~course_utils.history.History`.
 
-    Losses are evaluated every ``eval_freq`` steps on ``eval_iter`` batches;
-    accuracies after each epoch on ``eval_iter`` batches. ``examples_seen`` counts
-    training examples over all processes. Only rank 0 prints.
+    The shared loop (:func:`course_utils.train.fit`) with the last-token
+    cross-entropy as the training loss; every evaluation measures ``loss`` and
+    ``acc`` together on ``eval_batches`` batches of each loader (rows
+    ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``), and ``seen`` counts
+    training examples over all processes.
     """
-    check_eval_schedule(eval_freq, eval_iter)
-    prepare_device_for_training(device)
-    train_losses: list[float] = []
-    val_losses: list[float] = []
-    train_accs: list[float] = []
-    val_accs: list[float] = []
-    local_examples = 0
-    global_step = -1
-    bar = tqdm(
-        total=num_epochs * len(train_loader),
-        desc="fine-tune",
-        unit="step",
-        disable=not (show_progress and is_main_process()),
+    return fit(
+        model, train_loader, val_loader, optimizer, device,
+        num_epochs=num_epochs, eval_every=eval_every, eval_batches=eval_batches,
+        loss_fn=calc_loss_batch_classification, measure=classification_measure,
+        count=count_examples, unit="examples", max_grad_norm=max_grad_norm,
+        history=history, show_progress=show_progress, log=log, desc="fine-tune",
     )
-
-    def log(message: str) -> None:
-        if is_main_process():
-            tqdm.write(message)
-
-    try:
-        for epoch in range(num_epochs):
-            set_epoch(train_loader, epoch)
-            model.train()
-            for input_batch, target_batch in train_loader:
-                optimizer.zero_grad()
-                loss = calc_loss_batch_classification(input_batch, target_batch, model, device)
-                loss.backward()
-                optimizer.step()
-                local_examples += input_batch.shape[0]
-                global_step += 1
-                bar.update(1)
-
-                if global_step % eval_freq == 0:
-                    train_loss, val_loss = evaluate_model(
-                        model, train_loader, val_loader, device, eval_iter, loss_fn=calc_loss_batch_classification
-                    )
-                    train_losses.append(train_loss)
-                    val_losses.append(val_loss)
-                    log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-
-            train_acc = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
-            val_acc = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
-            train_accs.append(train_acc)
-            val_accs.append(val_acc)
-            log(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
-    finally:
-        bar.close()
-    return train_losses, val_losses, train_accs, val_accs, int(all_reduce_sum(local_examples))
-
-
-def _context_length(model: nn.Module) -> int | None:
-    """The longest input the model accepts (None when it does not say)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "context_length"):
-        return int(cfg.context_length)
-    pos_emb = getattr(model, "pos_emb", None)
-    return int(pos_emb.weight.shape[0]) if pos_emb is not None else None
 
 
 def classify_text(
@@ -191,8 +149,7 @@ def classify_text(
     labels = labels if labels is not None else LABELS
     names = {idx: name for name, idx in labels.items()}
     plain = unwrap_model(model)
-    context_length = _context_length(plain)
-    limits = [n for n in (max_length, context_length) if n is not None]
+    limits = [n for n in (max_length, context_length_of(plain)) if n is not None]
     limit = min(limits) if limits else None
     ids = tokenizer.encode(text)[:limit]
     if limit is not None and max_length is not None:
@@ -200,13 +157,8 @@ def classify_text(
     if not ids:
         raise ValueError("The text encodes to no tokens; give a non-empty text or a max_length to pad to.")
     input_ids = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)  # (1, T)
-    was_training = plain.training
-    plain.eval()
-    try:
-        with torch.no_grad():
-            predicted = int(plain(input_ids)[0, -1, :].argmax())  # last position's class
-    finally:
-        plain.train(was_training)
+    with eval_mode(plain), torch.no_grad():
+        predicted = int(plain(input_ids)[0, -1, :].argmax())  # last position's class
     if predicted not in names:
         raise ValueError(f"The model predicted class {predicted}, which has no name in labels={labels}.")
     return names[predicted]

@@ -5,7 +5,7 @@
     COURSE_SMOKE=1 python -m course_utils.demo  # a few seconds, for CI
 
 This is chapter 5 in one command: tokenize, cut into windows, train with AdamW,
-evaluate on a held-out 10%, and generate from "Every effort moves you".
+evaluate on a held-out 10%, and continue a prompt of our own.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from .generate import generate, text_to_token_ids, token_ids_to_text
 from .gpt import GPTConfig, GPTModel, count_parameters
 from .settings import pick
 from .tokenizers import gpt2_tokenizer
-from .train import make_optimizer, train_model_simple
+from .train import make_optimizer, train_language_model
 
-START_CONTEXT = "Every effort moves you"
+START_CONTEXT = "The studio was quiet when"
 
 
 def build_config(size: str, context_length: int) -> GPTConfig:
@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-length", type=int, default=pick(256, 64))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--eval-freq", type=int, default=5)
-    parser.add_argument("--eval-iter", type=int, default=pick(5, 1))
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many steps")
+    parser.add_argument("--eval-batches", type=int, default=pick(5, 1), help="batches per evaluation")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--plot", type=Path, default=None, help="save the loss curves to this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = gpt2_tokenizer()
     start = time.perf_counter()
-    train_losses, val_losses, tokens_seen = train_model_simple(
+    history = train_language_model(
         model, train_loader, val_loader, optimizer, device,
-        num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-        start_context=START_CONTEXT, tokenizer=tokenizer, show_progress=not args.no_progress,
+        num_epochs=args.epochs, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        tokenizer=tokenizer, prompt=START_CONTEXT, show_progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
@@ -85,15 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
     sample = generate(model, text_to_token_ids(START_CONTEXT, tokenizer).to(device), 25,
                       cfg.context_length, temperature=1.4, top_k=25)
     print(f"sample (temperature 1.4, top-k 25): {token_ids_to_text(sample, tokenizer)!r}")
-    print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}; "
-          f"{tokens_seen[-1]:,} tokens seen; {seconds:.1f} s training; peak RSS {peak_rss_gib:.2f} GiB")
+    last = history.last()
+    print(f"final train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}; "
+          f"{last['seen']:,} tokens seen; {seconds:.1f} s training; peak RSS {peak_rss_gib:.2f} GiB")
     if args.plot:
-        from .plots import plot_losses
+        from .plots import plot_history
 
-        epochs_seen = torch.linspace(0, args.epochs, len(train_losses)).tolist()
-        plot_losses(epochs_seen, tokens_seen, train_losses, val_losses).savefig(args.plot, dpi=120)
+        plot_history(history).savefig(args.plot, dpi=120)
         print(f"loss curves saved to {args.plot}")
-    return {"train_losses": train_losses, "val_losses": val_losses, "seconds": seconds, "peak_rss_gib": peak_rss_gib}
+    return {"history": history, "seconds": seconds, "peak_rss_gib": peak_rss_gib}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from course_utils.distributed import (
 )
 from course_utils.gpt import GPTConfig, GPTModel
 from course_utils.tokenizers import gpt2_tokenizer
-from course_utils.train import make_optimizer, train_model, train_model_simple
+from course_utils.train import WarmupCosine, make_optimizer, train_language_model
 
 PER_RANK_BATCH = 2  # samples per process per step under torchrun
 N_PROCESSES = 2
@@ -64,25 +64,21 @@ def _fresh_model(device: torch.device) -> torch.nn.Module:
 
 
 def run(per_rank_batch: int, device: torch.device | str = "cpu") -> dict:
-    """Train with both loops (simple, then warm-up + cosine + clipping); return their logs."""
+    """Train twice (plain, then warm-up + cosine + clipping); return both histories as dicts."""
     device = torch.device(device)
     train_loader, val_loader, tokenizer = _loaders(per_rank_batch)
-    common = dict(eval_freq=1, eval_iter=2, start_context="Every effort", tokenizer=tokenizer, show_progress=False)
+    common = dict(num_epochs=EPOCHS, eval_every=1, eval_batches=2, tokenizer=tokenizer, prompt="The studio",
+                  show_progress=False)
 
     model = _fresh_model(device)
-    optimizer = make_optimizer(model, lr=1e-3)
-    train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=EPOCHS, **common
-    )
-    simple = {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen}
+    plain = train_language_model(model, train_loader, val_loader, make_optimizer(model, lr=1e-3), device, **common)
 
     model = _fresh_model(device)
-    optimizer = make_optimizer(model, lr=1e-3)
-    scheduled = train_model(
-        model, train_loader, val_loader, optimizer, device, n_epochs=EPOCHS,
-        warmup_steps=2, initial_lr=1e-4, min_lr=1e-5, max_grad_norm=0.5, **common,
-    )
-    return {"world_size": world_size(), "simple": simple, "scheduled": scheduled}
+    total_steps = EPOCHS * len(train_loader)
+    schedule = WarmupCosine(peak_lr=1e-3, total_steps=total_steps, warmup_steps=2, initial_lr=1e-4, min_lr=1e-5)
+    scheduled = train_language_model(model, train_loader, val_loader, make_optimizer(model, lr=1e-3), device,
+                                     schedule=schedule, max_grad_norm=0.5, **common)
+    return {"world_size": world_size(), "simple": plain.to_dict(), "scheduled": scheduled.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:

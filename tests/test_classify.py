@@ -15,7 +15,7 @@ from course_utils.classify import (
     calc_loss_batch_classification,
     calc_loss_loader_classification,
     classify_text,
-    train_classifier_simple,
+    train_classifier,
 )
 from course_utils.gpt import GPTConfig, GPTModel
 from course_utils.spam import LABELS, SpamDataset, load_spam_splits
@@ -145,26 +145,64 @@ def spam_loaders() -> tuple[DataLoader, DataLoader, DataLoader]:
     return shuffled, DataLoader(val_set, batch_size=8), fixed
 
 
-def test_a_few_epochs_lower_the_training_loss(spam_loaders, capsys):
-    train_loader, val_loader, measure_loader = spam_loaders
-    model = classifier(train_last_blocks=1)
-    loss_before = calc_loss_loader_classification(measure_loader, model, "cpu")
-    acc_before = calc_accuracy_loader(measure_loader, model, "cpu")
+def _hand_metrics(model, loader) -> tuple[float, float]:
+    """Loss per example and accuracy, counted by hand in eval mode."""
+    model.eval()
+    losses, correct, total = [], 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            last = model(x)[:, -1, :]
+            losses.append(F.cross_entropy(last, y, reduction="sum").item())
+            correct += int((last.argmax(-1) == y).sum())
+            total += len(y)
+    model.train()
+    return sum(losses) / total, correct / total
+
+
+def test_train_classifier_equals_the_written_out_loop_and_records_both_metrics(spam_loaders, capsys):
+    _, val_loader, _ = spam_loaders
+    dataset = spam_loaders[0].dataset
+
+    def shuffled() -> DataLoader:  # the same order every time it is built
+        return DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(7))
+
+    train_loader = shuffled()
+    model, twin = classifier(seed=5), classifier(seed=5)
     optimizer = make_optimizer(model, lr=1e-3)
-    train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
-        model, train_loader, val_loader, optimizer, "cpu", num_epochs=5, eval_freq=3, eval_iter=2, show_progress=False
-    )
-    loss_after = calc_loss_loader_classification(measure_loader, model, "cpu")
-    acc_after = calc_accuracy_loader(measure_loader, model, "cpu")
-    assert loss_after < loss_before - 0.1, f"loss {loss_before:.3f} -> {loss_after:.3f}"
-    assert acc_after >= acc_before
-    steps = 5 * len(train_loader)
-    assert examples_seen == steps * 8
-    assert len(train_losses) == len(val_losses) == len(range(0, steps, 3))
-    assert len(train_accs) == len(val_accs) == 5
-    assert all(0.0 <= a <= 1.0 for a in train_accs + val_accs)
-    out = capsys.readouterr().out
-    assert out.count("Training accuracy:") == 5 and "Ep 1 (Step 000000): Train loss" in out
+    twin_opt = make_optimizer(twin, lr=1e-3)
+    history = train_classifier(model, train_loader, val_loader, optimizer, "cpu", num_epochs=4, eval_every=5,
+                               show_progress=False)
+    twin_loader = shuffled()
+    for _ in range(4):  # the same steps, written out
+        for x, y in twin_loader:
+            twin_opt.zero_grad()
+            F.cross_entropy(twin(x)[:, -1, :], y).backward()
+            twin_opt.step()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs from the written-out loop")
+
+    steps = 4 * len(train_loader)
+    assert history.step == [0, 5, 10, 15, 20, steps][: len(history.step)] and history.step[-1] == steps
+    assert history.seen == [s * 8 for s in history.step] and history.unit == "examples"
+    assert set(history.metrics) == {"train_loss", "val_loss", "train_acc", "val_acc"}
+    val_loss, val_acc = _hand_metrics(model, val_loader)
+    assert history["val_loss"][-1] == pytest.approx(val_loss, rel=1e-5)
+    assert history["val_acc"][-1] == pytest.approx(val_acc)
+    assert history["train_loss"][-1] < history["train_loss"][0] - 0.05
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["step", "epoch", "examples", "train_acc", "train_loss", "val_acc", "val_loss"]
+
+
+def test_accuracy_is_measured_without_dropout():
+    """With heavy dropout, train-mode predictions would vary; the accuracy must equal eval mode's count."""
+    model = classifier(seed=2, drop_rate=0.9, train_last_blocks=2)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    loader = DataLoader(TensorDataset(torch.randint(0, 50257, (40, 8), generator=g), torch.randint(0, 2, (40,), generator=g)),
+                        batch_size=8)
+    _, expected = _hand_metrics(model, loader)
+    assert [calc_accuracy_loader(loader, model, "cpu") for _ in range(3)] == [pytest.approx(expected)] * 3
+    assert model.training
 
 
 def test_classify_text_matches_the_models_last_position():
@@ -174,8 +212,16 @@ def test_classify_text_matches_the_models_last_position():
     for text in ["You are a winner! Call now to claim your prize", "See you at dinner tonight?"]:
         ids = tokenizer.encode(text)[:MAX_LEN]
         padded = torch.tensor([ids + [50256] * (MAX_LEN - len(ids))])
+        unpadded = torch.tensor([ids])
         with torch.no_grad():
-            expected = names[int(model(padded)[0, -1].argmax())]
-        assert classify_text(text, model, tokenizer, "cpu", max_length=MAX_LEN) == expected
-        assert classify_text(text, model, tokenizer, "cpu") in {"spam", "ham"}
-    assert classify_text("hi", LastTokenParity(), tokenizer, "cpu", labels={"even": 0, "odd": 1}) in {"even", "odd"}
+            expected_padded = names[int(model(padded)[0, -1].argmax())]
+            expected_plain = names[int(model(unpadded)[0, -1].argmax())]
+        assert classify_text(text, model, tokenizer, "cpu", max_length=MAX_LEN) == expected_padded
+        assert classify_text(text, model, tokenizer, "cpu") == expected_plain
+    # the stub decides by the last token's parity: "hi" ends in an odd or even id, padding (50256) is even
+    last_id = tokenizer.encode("hi")[-1]
+    parity = {"even": 0, "odd": 1}
+    assert classify_text("hi", LastTokenParity(), tokenizer, "cpu", labels=parity) == ("odd" if last_id % 2 else "even")
+    assert classify_text("hi", LastTokenParity(), tokenizer, "cpu", max_length=5, labels=parity) == "even"
+    long_text = "word " * 100  # longer than the context: cut, not an error
+    assert classify_text(long_text, model, tokenizer, "cpu") in LABELS

@@ -1,68 +1,62 @@
-"""Tests for course_utils.plots: each function returns a Figure with the expected content."""
+"""Tests for course_utils.plots: the figures show the history's numbers, headless."""
 from __future__ import annotations
 
-import io
-
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no window, works in CI
-
+import matplotlib.pyplot as plt
 import pytest
-from matplotlib.figure import Figure
 
-from course_utils.plots import plot_losses, plot_lr, plot_values
-
-EPOCHS = [0.0, 0.5, 1.0, 1.5]
-TOKENS = [512, 1024, 1536, 2048]
-TRAIN = [9.0, 7.5, 6.0, 5.5]
-VAL = [9.2, 8.0, 7.1, 6.9]
+from course_utils.history import History
+from course_utils.plots import plot_history, plot_lr
 
 
-def png_bytes(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+def _history(unit: str = "tokens") -> History:
+    """Two epochs of 4 steps, evaluated every 2 steps; 100 tokens per step."""
+    history = History(unit=unit)
+    for step in range(0, 9, 2):
+        history.record(step, step / 4, 100 * step, train_loss=5 - 0.5 * step, val_loss=5 - 0.2 * step,
+                       train_acc=0.1 * step, val_acc=0.05 * step)
+    history.lr.extend([1e-3 * (s + 1) / 8 for s in range(8)])
+    return history
 
 
-def test_plot_losses_has_two_curves_and_a_tokens_axis():
-    fig = plot_losses(EPOCHS, TOKENS, TRAIN, VAL)
-    assert isinstance(fig, Figure)
-    assert len(fig.axes) == 2, "epochs axis plus the twin tokens-seen axis"
-    main, top = fig.axes
-    assert len(main.get_lines()) == 2 and len(top.get_lines()) == 1
-    assert list(main.get_lines()[0].get_ydata()) == TRAIN
-    assert list(main.get_lines()[1].get_ydata()) == VAL
-    assert list(top.get_lines()[0].get_xdata()) == TOKENS
-    assert top.get_lines()[0].get_alpha() == 0, "the twin axis' line only sets the scale"
-    assert main.get_xlabel() == "Epochs" and top.get_xlabel() == "Tokens seen"
-    assert [t.get_text() for t in main.get_legend().get_texts()] == ["Training loss", "Validation loss"]
-    assert png_bytes(fig).startswith(b"\x89PNG")
+def test_plot_history_draws_train_and_val_against_what_was_seen():
+    history = _history()
+    fig = plot_history(history)
+    (ax,) = fig.axes
+    lines = [line for line in ax.get_lines() if line.get_label() in ("training", "validation")]
+    assert [line.get_label() for line in lines] == ["training", "validation"]
+    assert list(lines[0].get_xdata()) == history.seen and list(lines[0].get_ydata()) == history["train_loss"]
+    assert list(lines[1].get_ydata()) == history["val_loss"]
+    assert ax.get_xlabel() == "tokens seen"
+    # one marker line per finished epoch: after 4 steps (400 tokens) and after 8 (800)
+    epoch_lines = [line for line in ax.get_lines() if line not in lines]
+    assert sorted(line.get_xdata()[0] for line in epoch_lines) == [400, 800]
 
 
-def test_plot_values_for_accuracies():
-    accs_train, accs_val = [0.5, 0.7, 0.8, 0.9], [0.5, 0.6, 0.75, 0.8]
-    fig = plot_values(EPOCHS, [8, 16, 24, 32], accs_train, accs_val, label="accuracy")
-    main, top = fig.axes
-    assert main.get_ylabel() == "Accuracy" and top.get_xlabel() == "Examples seen"
-    assert [t.get_text() for t in main.get_legend().get_texts()] == ["Training accuracy", "Validation accuracy"]
-    assert len(main.get_lines()) == 2
-    with pytest.raises(ValueError, match="one entry per evaluation"):
-        plot_values(EPOCHS, [8, 16], accs_train, accs_val)
+def test_plot_history_one_panel_per_metric_with_percent_accuracy():
+    fig = plot_history(_history("examples"), metrics=("loss", "acc"))
+    assert [ax.get_title() for ax in fig.axes] == ["Cross-entropy loss", "Accuracy"]
+    assert fig.axes[1].get_xlabel() == "examples seen"
+    assert fig.axes[1].yaxis.get_major_formatter()(0.5, 0).startswith("50")
 
 
-def test_plot_lr_has_one_line_per_step():
-    lrs = [1e-5, 5e-4, 1e-3, 7e-4, 2e-4, 1e-6]
-    fig = plot_lr(lrs)
-    assert isinstance(fig, Figure) and len(fig.axes) == 1
-    (line,) = fig.axes[0].get_lines()
-    assert list(line.get_ydata()) == lrs and list(line.get_xdata()) == list(range(len(lrs)))
-    assert png_bytes(fig).startswith(b"\x89PNG")
+def test_plot_history_refuses_unknown_metrics_and_empty_histories():
+    with pytest.raises(KeyError, match="train_perplexity"):
+        plot_history(_history(), metrics=("perplexity",))
+    with pytest.raises(ValueError, match="no evaluations"):
+        plot_history(History())
+
+
+def test_plot_lr_has_one_point_per_step():
+    history = _history()
+    (line,) = plot_lr(history).axes[0].get_lines()
+    assert list(line.get_ydata()) == history.lr and list(line.get_xdata()) == list(range(1, 9))
+    assert list(plot_lr([1.0, 2.0]).axes[0].get_lines()[0].get_ydata()) == [1.0, 2.0]
+    with pytest.raises(ValueError):
+        plot_lr(History())
 
 
 def test_plots_do_not_register_with_pyplot():
-    import matplotlib.pyplot as plt
-
     before = plt.get_fignums()
-    plot_losses(EPOCHS, TOKENS, TRAIN, VAL)
-    plot_lr([1.0, 0.5])
-    assert plt.get_fignums() == before, "figures outside pyplot cannot pile up in notebooks or tests"
+    plot_history(_history())
+    plot_lr(_history())
+    assert plt.get_fignums() == before

@@ -1,45 +1,58 @@
-"""Tests for course_utils.train: the loss, the loops, the schedule, clipping, the optimizer."""
+"""Tests for course_utils.train: loss, evaluation, one step, the loop, the schedule, the optimizer, resuming."""
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from course_utils.checkpoint import CheckpointError, save_checkpoint
 from course_utils.data import create_dataloader, train_val_split_text
 from course_utils.datasets import load_the_verdict
 from course_utils.gpt import GPTConfig, GPTModel
+from course_utils.history import History
 from course_utils.tokenizers import gpt2_tokenizer
 from course_utils.train import (
+    WarmupCosine,
     calc_loss_batch,
     calc_loss_loader,
-    evaluate_model,
-    generate_and_print_sample,
+    evaluate,
+    fit,
+    load_training_state,
     lr_at_step,
     make_optimizer,
-    train_model,
-    train_model_simple,
+    sample_text,
+    save_training_state,
+    train_language_model,
+    train_step,
 )
 
 SEQ = 16  # tokens per window in these tests
 BATCH = 4
+PROMPT = "The studio was quiet when"
 
 
 @pytest.fixture(scope="module")
 def loaders() -> tuple[DataLoader, DataLoader]:
-    """Non-shuffled loaders over the start of The Verdict: 9 training and 2 validation batches."""
-    train_text, val_text = train_val_split_text(load_the_verdict()[:3000], train_ratio=0.8)
-    train_loader = create_dataloader(train_text, batch_size=BATCH, max_length=SEQ, stride=SEQ, shuffle=False)
+    """Non-shuffled loaders over the start of The Verdict; the last training batch is shorter."""
+    train_text, val_text = train_val_split_text(load_the_verdict()[:2800], train_ratio=0.8)
+    train_loader = create_dataloader(train_text, batch_size=BATCH, max_length=SEQ, stride=SEQ, shuffle=False, drop_last=False)
     val_loader = create_dataloader(val_text, batch_size=BATCH, max_length=SEQ, stride=SEQ, shuffle=False)
+    sizes = [x.shape[0] for x, _ in train_loader]
+    assert sizes[-1] < BATCH, "the fixture should end with a short batch (it is what some tests are about)"
     return train_loader, val_loader
 
 
-def tiny_model(seed: int = 0) -> GPTModel:
+def tiny_model(seed: int = 0, **overrides) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(GPTConfig.tiny(context_length=SEQ))
+    return GPTModel(GPTConfig.tiny(context_length=SEQ, **overrides))
+
+
+def token_loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """A "loader" that yields the given batches as they are (uneven sizes allowed)."""
+    return batches
 
 
 # --- the loss --------------------------------------------------------------------
@@ -56,176 +69,320 @@ def test_calc_loss_batch_matches_hand_computed_cross_entropy():
         log_probs = model(inputs).log_softmax(dim=-1)  # (B, T, V)
     keep = targets != -100
     picked = log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (N,)
-    expected = -picked.mean()
     assert loss.requires_grad, "the batch loss must keep its graph for backward()"
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-6)
-    # and torch's own function on the kept positions agrees
+    torch.testing.assert_close(loss.detach(), -picked.mean(), rtol=1e-6, atol=1e-6)
+
+
+def _all_targets_loss(model, batches) -> float:
+    """Reference: one cross-entropy over every counted target of every batch together."""
     with torch.no_grad():
-        logits = model(inputs)
-    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits[keep], targets[keep]), rtol=1e-6, atol=1e-6)
+        logits = torch.cat([model(x).flatten(0, 1) for x, _ in batches])
+        targets = torch.cat([y.flatten() for _, y in batches])
+    return F.cross_entropy(logits.double(), targets, ignore_index=-100).item()
 
 
-def test_calc_loss_loader_is_mean_of_batch_losses_and_nan_when_empty(loaders):
+def test_calc_loss_loader_weights_batches_by_their_counted_targets():
+    """A short last batch and -100 padding weigh what they contain, not one batch's worth."""
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(3)
+    x1, y1 = torch.randint(0, 50257, (4, 6), generator=g), torch.randint(0, 50257, (4, 6), generator=g)
+    x2, y2 = torch.randint(0, 50257, (1, 6), generator=g), torch.randint(0, 50257, (1, 6), generator=g)
+    x3, y3 = torch.randint(0, 50257, (2, 6), generator=g), torch.randint(0, 50257, (2, 6), generator=g)
+    y3[:, 1:] = -100  # mostly padding: 2 counted targets
+    batches = [(x1, y1), (x2, y2), (x3, y3)]
+    got = calc_loss_loader(token_loader(batches), model, "cpu")
+    assert got == pytest.approx(_all_targets_loss(model, batches), rel=1e-6)
+    with torch.no_grad():
+        plain_mean = sum(calc_loss_batch(x, y, model, "cpu").item() for x, y in batches) / 3
+    assert abs(got - plain_mean) > 1e-3, "the test data must tell a token-weighted mean from a mean of batch means"
+    # num_batches takes the first ones; more than there are means all; a fully masked batch counts nothing
+    assert calc_loss_loader(token_loader(batches), model, "cpu", num_batches=2) == pytest.approx(
+        _all_targets_loss(model, batches[:2]), rel=1e-6)
+    assert calc_loss_loader(token_loader(batches), model, "cpu", num_batches=99) == pytest.approx(got, rel=1e-12)
+    masked = (x2, torch.full_like(y2, -100))
+    assert calc_loss_loader(token_loader([batches[0], masked]), model, "cpu") == pytest.approx(
+        _all_targets_loss(model, batches[:1]), rel=1e-6)
+
+
+def test_calc_loss_loader_on_a_real_loader_and_empty_loader(loaders):
     train_loader, _ = loaders
-    model = tiny_model()
-    with torch.no_grad():
-        per_batch = [calc_loss_batch(x, y, model, "cpu").item() for x, y in train_loader]
-    assert calc_loss_loader(train_loader, model, "cpu") == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-6)
-    assert calc_loss_loader(train_loader, model, "cpu", num_batches=3) == pytest.approx(sum(per_batch[:3]) / 3, rel=1e-6)
-    assert calc_loss_loader(train_loader, model, "cpu", num_batches=999) == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-6)
+    model = tiny_model().eval()
+    assert calc_loss_loader(train_loader, model, "cpu") == pytest.approx(_all_targets_loss(model, list(train_loader)), rel=1e-6)
     empty = DataLoader(TensorDataset(torch.zeros(0, SEQ, dtype=torch.long), torch.zeros(0, SEQ, dtype=torch.long)), batch_size=2)
     assert math.isnan(calc_loss_loader(empty, model, "cpu"))
 
 
 @pytest.mark.parametrize("start_in_train_mode", [True, False])
-def test_evaluate_model_uses_eval_mode_and_restores_the_previous_mode(loaders, start_in_train_mode):
-    train_loader, val_loader = loaders
-    model = tiny_model()
+def test_evaluate_runs_in_eval_mode_without_grad_and_restores_every_modules_mode(loaders, start_in_train_mode):
+    train_loader, _ = loaders
+    model = tiny_model(drop_rate=0.5)
     model.train(start_in_train_mode)
-    seen_modes = []
-    model.register_forward_pre_hook(lambda module, args: seen_modes.append(module.training))
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, "cpu", eval_iter=2)
-    assert seen_modes and not any(seen_modes), "evaluation must run in eval mode (dropout off)"
-    assert model.training == start_in_train_mode
-    assert train_loss == pytest.approx(calc_loss_loader(train_loader, model, "cpu", 2), rel=1e-6)
-    assert val_loss == pytest.approx(calc_loss_loader(val_loader, model, "cpu", 2), rel=1e-6)
+    model.trf_blocks[0].eval()  # a partly frozen model: this submodule must stay in eval mode
+    before = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((module.training, torch.is_grad_enabled())))
+    first = evaluate(model, train_loader, "cpu", num_batches=2)
+    again = evaluate(model, train_loader, "cpu", num_batches=2)
+    assert seen and all(mode == (False, False) for mode in seen), "evaluation must run in eval mode without gradients"
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert first == again, "with dropout off, evaluating twice gives the same numbers"
 
 
-def test_generate_and_print_sample_prints_one_line(capsys):
-    text = generate_and_print_sample(tiny_model(), gpt2_tokenizer(), "cpu", "Every effort moves you", max_new_tokens=10)
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("Every effort moves you")
-    assert text == out.rstrip("\n")
+def test_sample_text_is_one_line_starting_with_the_prompt():
+    model = tiny_model()
+    model.train()
+    text = sample_text(model, gpt2_tokenizer(), "cpu", PROMPT + "\n", max_new_tokens=10)
+    assert "\n" not in text and text.startswith(PROMPT)
+    assert model.training, "sampling must leave the model's mode as it was"
 
 
-# --- the simple loop -----------------------------------------------------------------
+# --- one step ---------------------------------------------------------------------
 
 
-def test_train_model_simple_lowers_the_loss_and_counts_tokens(loaders, capsys):
+def _manual_steps(model, optimizer, batches, max_grad_norm=None):
+    """The textbook update, written out: zero, forward, backward, (clip), step."""
+    for x, y in batches:
+        optimizer.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+
+
+def test_train_step_is_one_clean_update(loaders):
+    train_loader, _ = loaders
+    batches = list(train_loader)[:3]
+    a, b = tiny_model(1), tiny_model(1)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3)
+    for x, y in batches:
+        loss = train_step(a, x, y, opt_a, "cpu")
+        assert not loss.requires_grad and loss.dim() == 0
+    _manual_steps(b, opt_b, batches)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=f"{name} differs")
+
+
+# --- the loop ----------------------------------------------------------------------
+
+
+def test_fit_trains_exactly_like_the_written_out_loop(loaders):
+    """Same weights as zero/forward/backward/step per batch: catches a missing zero_grad,
+    a skipped or doubled step, or evaluation that changes the model."""
+    train_loader, val_loader = loaders
+    a, b = tiny_model(2), tiny_model(2)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=2e-3)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=2e-3)
+    fit(a, train_loader, val_loader, opt_a, "cpu", num_epochs=2, eval_every=3, eval_batches=1, show_progress=False, log=False)
+    _manual_steps(b, opt_b, list(train_loader) * 2)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+def test_train_language_model_rows_steps_tokens_and_samples(loaders, capsys):
     train_loader, val_loader = loaders
     model = tiny_model()
-    before = calc_loss_loader(train_loader, model, "cpu")
     optimizer = make_optimizer(model, lr=5e-3)
-    train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, "cpu", num_epochs=2, eval_freq=1, eval_iter=2,
-        start_context="Every effort", tokenizer=gpt2_tokenizer(), show_progress=False,
+    untrained = calc_loss_loader(train_loader, model, "cpu", 2)
+    history = train_language_model(
+        model, train_loader, val_loader, optimizer, "cpu", num_epochs=2, eval_every=4, eval_batches=2,
+        tokenizer=gpt2_tokenizer(), prompt=PROMPT, sample_tokens=5, show_progress=False,
     )
-    after = calc_loss_loader(train_loader, model, "cpu")
-    steps = 2 * len(train_loader)
-    assert len(train_losses) == len(val_losses) == len(tokens_seen) == steps  # eval_freq=1: every step
-    assert tokens_seen == [BATCH * SEQ * (step + 1) for step in range(steps)]
-    # a fresh model sits near ln(50257) = 10.8; 18 steps at lr 5e-3 bring it well below
-    assert after < before - 2.0, f"training did not lower the loss enough: {before:.3f} -> {after:.3f}"
+    steps = 2 * len(train_loader)  # 18: evaluations before training, after 4, 8, 12, 16 and the last
+    assert history.step == [0, 4, 8, 12, 16, steps]
+    sizes = [x.numel() for x, _ in train_loader] * 2  # the short last batch counts what it holds
+    assert history.seen == [sum(sizes[:s]) for s in history.step]
+    assert history.seen_total == sum(sizes) and history.steps_done == steps
+    assert history.epoch == pytest.approx([s / len(train_loader) for s in history.step])
+    assert history["train_loss"][0] == pytest.approx(untrained, rel=1e-6), "row 0 is the untrained model"
+    assert history["train_loss"][-1] < history["train_loss"][0] - 1.0
+    assert len(history.lr) == steps and set(history.lr) == {5e-3}
+    assert [s["epoch"] for s in history.samples] == [1, 2] and all(s["text"].startswith(PROMPT) for s in history.samples)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "epoch", "tokens", "train_loss", "val_loss"]
+    assert lines[1].split()[:3] == ["0", "0.00", "0"]
+    assert sum("sample after epoch" in line for line in lines) == 2
+    assert history.table().splitlines()[-1] == history.format_row()
 
-    lines = capsys.readouterr().out.splitlines()
-    eval_lines = [line for line in lines if line.startswith("Ep ")]
-    assert len(eval_lines) == steps
-    assert re.fullmatch(r"Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}", eval_lines[0])
-    assert eval_lines[-1].startswith(f"Ep 2 (Step {steps - 1:06d})")
-    samples = [line for line in lines if line.startswith("Every effort")]
-    assert len(samples) == 2, "one sample per epoch"
 
+def test_fit_counts_examples_when_asked(loaders):
+    from course_utils.train import count_examples
 
-def test_train_model_simple_eval_freq(loaders):
     train_loader, val_loader = loaders
     model = tiny_model()
-    _, _, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, make_optimizer(model), "cpu", num_epochs=1, eval_freq=3, eval_iter=1,
-        start_context="Every", tokenizer=gpt2_tokenizer(), show_progress=False,
-    )
-    evaluated_steps = [s for s in range(len(train_loader)) if s % 3 == 0]  # steps 0, 3, 6
-    assert tokens_seen == [BATCH * SEQ * (s + 1) for s in evaluated_steps]
+    history = fit(model, train_loader, val_loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=100,
+                  count=count_examples, unit="examples", show_progress=False, log=False)
+    assert history.seen == [0, len(train_loader.dataset)] and history.unit == "examples"
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.01, None])
+def test_fit_clips_every_step_and_follows_the_schedule(loaders, max_grad_norm):
+    train_loader, val_loader = loaders
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-3)
+    norms, lrs_seen = [], []
+
+    def hook(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        lrs_seen.append(opt.param_groups[0]["lr"])
+
+    optimizer.register_step_pre_hook(hook)
+    steps = len(train_loader)
+    schedule = WarmupCosine(peak_lr=1e-3, total_steps=steps, warmup_steps=3, initial_lr=1e-5, min_lr=1e-6)
+    history = fit(model, train_loader, val_loader, optimizer, "cpu", num_epochs=1, eval_every=4, eval_batches=1,
+                  schedule=schedule, max_grad_norm=max_grad_norm, show_progress=False, log=False)
+    expected = [lr_at_step(s, steps, 1e-3, 3, 1e-5, 1e-6) for s in range(steps)]
+    assert history.lr == pytest.approx(expected) and lrs_seen == pytest.approx(expected)
+    assert all(g["lr"] == pytest.approx(expected[-1]) for g in optimizer.param_groups), "every group follows the schedule"
+    if max_grad_norm is None:
+        assert min(norms) > 0.05  # unclipped gradients are far above 0.01, so the clipped run is a real test
+    else:
+        assert max(norms) <= max_grad_norm * (1 + 1e-4)
+        assert min(norms) == pytest.approx(max_grad_norm, rel=1e-3), "every step (warm-up included) is clipped"
+
+
+def test_fit_refuses_bad_evaluation_settings(loaders):
+    train_loader, val_loader = loaders
+    model = tiny_model()
+    with pytest.raises(ValueError, match="eval_every"):
+        fit(model, train_loader, val_loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=0)
+    with pytest.raises(ValueError, match="eval_batches"):
+        fit(model, train_loader, val_loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=1, eval_batches=0)
+
+
+# --- resuming ------------------------------------------------------------------------
+
+
+class _StopAt:
+    """A schedule that interrupts training at a given step (as Ctrl-C or a crash would)."""
+
+    def __init__(self, schedule, stop: int):
+        self.schedule, self.stop = schedule, stop
+
+    def __call__(self, step: int) -> float:
+        if step == self.stop:
+            raise KeyboardInterrupt
+        return self.schedule(step)
+
+
+@pytest.mark.parametrize("stop", [5, 9])  # mid-epoch, and exactly at an epoch's end
+def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(loaders, tmp_path, stop):
+    train_loader, val_loader = loaders
+    steps = 2 * len(train_loader)
+    schedule = WarmupCosine(peak_lr=2e-3, total_steps=steps, warmup_steps=4, initial_lr=1e-4, min_lr=1e-5)
+    kwargs = dict(num_epochs=2, eval_every=3, eval_batches=1, max_grad_norm=1.0, show_progress=False, log=False)
+
+    straight = tiny_model(4)
+    straight_opt = make_optimizer(straight, lr=2e-3)
+    expected = fit(straight, train_loader, val_loader, straight_opt, "cpu", schedule=schedule, **kwargs)
+
+    first = tiny_model(4)
+    first_opt = make_optimizer(first, lr=2e-3)
+    history = History()
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, train_loader, val_loader, first_opt, "cpu", schedule=_StopAt(schedule, stop), history=history, **kwargs)
+    assert history.steps_done == stop
+    save_training_state(tmp_path / "run", first, first_opt, history)
+
+    resumed = tiny_model(99)  # other weights: everything must come from the checkpoint
+    resumed_opt = make_optimizer(resumed, lr=0.5)
+    restored = load_training_state(tmp_path / "run", resumed, resumed_opt)
+    assert restored.steps_done == stop
+    got = fit(resumed, train_loader, val_loader, resumed_opt, "cpu", schedule=schedule, history=restored, **kwargs)
+
+    assert got.lr == pytest.approx(expected.lr) and got.step == expected.step and got.seen == expected.seen
+    for name in ("train_loss", "val_loss"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-5)
+    for (name, a), (_, b) in zip(resumed.named_parameters(), straight.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs after resuming")
+
+
+def test_load_training_state_refuses_a_checkpoint_without_history(tmp_path):
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    save_checkpoint(tmp_path / "plain", model, optimizer)
+    with pytest.raises(CheckpointError, match="no training history"):
+        load_training_state(tmp_path / "plain", model, optimizer)
+
+
+def test_history_round_trips_and_rejects_mismatched_rows():
+    history = History(unit="examples")
+    history.record(0, 0.0, 0, train_loss=1.0, val_acc=0.5)
+    history.record(4, 0.5, 32, train_loss=0.8, val_acc=0.75)
+    history.lr.extend([1e-3] * 4)
+    history.steps_done, history.seen_total = 4, 32
+    assert History.from_dict(history.to_dict()) == history
+    assert history.format_row().split() == ["4", "0.50", "32", "0.800", "75.0%"]
+    with pytest.raises(ValueError, match="same metrics"):
+        history.record(8, 1.0, 64, train_loss=0.7)
+    with pytest.raises(KeyError, match="val_loss"):
+        history["val_loss"]
 
 
 # --- the learning-rate schedule ------------------------------------------------------
 
 
 def test_lr_at_step_warmup_peak_decay_and_end():
-    total, warmup, peak, initial, low = 101, 10, 1e-3, 1e-5, 1e-6
-    lrs = [lr_at_step(s, total, peak, warmup, initial, low) for s in range(total)]
-    assert lrs[0] == pytest.approx(initial)
-    # warm-up is a straight line from initial towards peak
-    for s in range(warmup):
-        assert lrs[s] == pytest.approx(initial + (peak - initial) * s / warmup)
-    assert lrs[warmup] == pytest.approx(peak)
-    assert max(lrs) == pytest.approx(peak)
-    decay = lrs[warmup:]
-    assert all(a >= b for a, b in zip(decay, decay[1:])), "the cosine part must never increase"
-    assert lrs[-1] == pytest.approx(low), "the last step reaches min_lr"
-    mid = warmup + (total - 1 - warmup) // 2  # progress exactly 0.5 (90 decay steps)
-    assert lrs[mid] == pytest.approx(low + (peak - low) * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lrs[mid] == pytest.approx((peak + low) / 2)
-    quarter = warmup + (total - 1 - warmup) // 4  # not exactly 0.25: use the formula
-    progress = (quarter - warmup) / (total - 1 - warmup)
-    assert lrs[quarter] == pytest.approx(low + (peak - low) * 0.5 * (1 + math.cos(math.pi * progress)))
-    assert lr_at_step(500, total, peak, warmup, initial, low) == pytest.approx(low), "past the end: min_lr"
+    total, peak, warmup, initial, minimum = 20, 1e-3, 5, 1e-5, 1e-6
+    rates = [lr_at_step(s, total, peak, warmup, initial, minimum) for s in range(total + 3)]
+    assert rates[0] == pytest.approx(initial)
+    assert rates[warmup] == pytest.approx(peak) and max(rates) == pytest.approx(peak)
+    assert all(b > a for a, b in zip(rates[:warmup], rates[1 : warmup + 1])), "warm-up rises"
+    assert all(b <= a for a, b in zip(rates[warmup : total - 1], rates[warmup + 1 : total])), "decay falls"
+    assert rates[total - 1] == pytest.approx(minimum) and rates[total + 2] == pytest.approx(minimum)
+    mid = warmup + (total - 1 - warmup) / 2  # half-way through the decay: half-way down
+    assert lr_at_step(int(mid), total, peak, warmup, initial, minimum) == pytest.approx(
+        minimum + (peak - minimum) * 0.5 * (1 + math.cos(math.pi * (int(mid) - warmup) / (total - 1 - warmup))))
 
 
 def test_lr_at_step_without_warmup_and_bad_arguments():
-    assert lr_at_step(0, 10, 1.0, 0) == pytest.approx(1.0)
-    assert lr_at_step(9, 10, 1.0, 0) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="total_steps"):
-        lr_at_step(0, 0, 1.0, 0)
-    with pytest.raises(ValueError):
-        lr_at_step(-1, 10, 1.0, 2)
-
-
-# --- appendix D's loop: schedule and clipping ----------------------------------------
-
-
-def _record_grad_norms_and_lrs(optimizer: torch.optim.Optimizer) -> tuple[list[float], list[float]]:
-    """Record the total gradient norm and learning rate the optimizer sees at every step."""
-    norms: list[float] = []
-    lrs: list[float] = []
-
-    def hook(opt, args, kwargs):
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
-        lrs.append(opt.param_groups[0]["lr"])
-
-    optimizer.register_step_pre_hook(hook)
-    return norms, lrs
-
-
-@pytest.mark.parametrize("max_grad_norm", [0.01, None])
-def test_train_model_clips_every_step_and_follows_the_schedule(loaders, max_grad_norm):
-    train_loader, val_loader = loaders
-    model = tiny_model()
-    optimizer = make_optimizer(model, lr=1e-3)
-    norms, lrs_seen = _record_grad_norms_and_lrs(optimizer)
-    history = train_model(
-        model, train_loader, val_loader, optimizer, "cpu", n_epochs=1, eval_freq=4, eval_iter=1,
-        start_context="Every", tokenizer=gpt2_tokenizer(), warmup_steps=3, initial_lr=1e-5, min_lr=1e-6,
-        max_grad_norm=max_grad_norm, show_progress=False,
-    )
-    steps = len(train_loader)
-    assert set(history) >= {"train_losses", "val_losses", "tokens_seen", "track_lrs"}
-    expected_lrs = [lr_at_step(s, steps, 1e-3, 3, 1e-5, 1e-6) for s in range(steps)]
-    assert history["track_lrs"] == pytest.approx(expected_lrs)
-    assert lrs_seen == pytest.approx(expected_lrs), "the optimizer must step with the scheduled rate"
-    assert len(norms) == steps
-    if max_grad_norm is None:
-        # unclipped gradients of this model are far larger than 0.01: the clipped run is a real test
-        assert min(norms) > 0.05
-    else:
-        # clip_grad_norm_ scales a too-large gradient to exactly max_norm (up to its 1e-6 epsilon)
-        assert max(norms) <= max_grad_norm * (1 + 1e-4)
-        assert min(norms) == pytest.approx(max_grad_norm, rel=1e-3), "every step (warm-up included) is clipped"
+    assert lr_at_step(0, 10, 1e-3, 0) == pytest.approx(1e-3)
+    assert lr_at_step(0, 3, 1e-3, 3) == 0.0 and lr_at_step(3, 3, 1e-3, 3) == pytest.approx(1e-3)
+    for bad in (dict(step=-1, total_steps=5), dict(step=0, total_steps=0)):
+        with pytest.raises(ValueError):
+            lr_at_step(peak_lr=1e-3, warmup_steps=1, **bad)
+    assert WarmupCosine(1e-3, 10, 2)(1) == lr_at_step(1, 10, 1e-3, 2)
 
 
 # --- the optimizer -------------------------------------------------------------------
 
 
-def test_make_optimizer_is_adamw_with_course_settings():
-    model = tiny_model()
-    model.tok_emb.weight.requires_grad = False  # frozen parameters stay out of the optimizer
-    optimizer = make_optimizer(model)
-    assert isinstance(optimizer, torch.optim.AdamW)
-    group = optimizer.param_groups[0]
-    assert group["weight_decay"] == 0.1 and group["lr"] == 4e-4
-    params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert params == {id(p) for p in model.parameters() if p.requires_grad}
-    assert group["fused"] is True, "PyTorch >= 2.4 has a fused AdamW for CPU float32 parameters"
+def test_make_optimizer_decays_matrices_only():
+    model = tiny_model(tie_weights=True)
+    model.trf_blocks[0].requires_grad_(False)  # frozen parameters stay out of the optimizer
+    optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.2)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert all(g["lr"] == 3e-4 and g["fused"] is True for g in optimizer.param_groups)
+    trainable = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}  # a tied matrix once
+    assert {id(p) for p in decay["params"]} == {i for i, (n, p) in trainable.items() if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {i for i, (n, p) in trainable.items() if p.dim() < 2}
+    names_without_decay = {trainable[id(p)][0] for p in no_decay["params"]}
+    assert "final_norm.scale" in names_without_decay and "trf_blocks.1.ff.layers.0.bias" in names_without_decay
+    assert id(model.tok_emb.weight) in {id(p) for p in decay["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+
+    undecayed = make_optimizer(model, decay_embeddings=False)
+    emb_ids = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    assert emb_ids <= {id(p) for p in undecayed.param_groups[1]["params"]}
+
+
+def test_make_optimizer_step_equals_torch_adamw_with_the_same_groups():
+    model_a, model_b = tiny_model(1), tiny_model(1)
+    inputs, targets = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    opt_a = make_optimizer(model_a, lr=1e-3)
+    groups = [{"params": [p for p in model_b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model_b.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt_b = torch.optim.AdamW(groups, lr=1e-3, foreach=False)
+    for _ in range(2):
+        _manual_steps(model_a, opt_a, [(inputs, targets)])
+        _manual_steps(model_b, opt_b, [(inputs, targets)])
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs after two steps")
 
 
 def test_make_optimizer_falls_back_when_fused_is_unsupported(monkeypatch):
@@ -240,7 +397,7 @@ def test_make_optimizer_falls_back_when_fused_is_unsupported(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
     optimizer = make_optimizer(tiny_model(), lr=1e-3, weight_decay=0.05)
     assert not optimizer.param_groups[0]["fused"]
-    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
 
 
 def test_make_optimizer_refuses_a_fully_frozen_model():
@@ -250,25 +407,16 @@ def test_make_optimizer_refuses_a_fully_frozen_model():
         make_optimizer(model)
 
 
-def test_one_training_step_matches_torch_adamw_reference():
-    """make_optimizer's step equals a plain (non-fused) AdamW step with the same settings."""
-    model_a, model_b = tiny_model(1), tiny_model(1)
-    inputs = torch.randint(0, 50257, (2, 8))
-    targets = torch.randint(0, 50257, (2, 8))
-    opt_a = make_optimizer(model_a, lr=1e-3)
-    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
-    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
-        opt.zero_grad()
-        calc_loss_batch(inputs, targets, model, "cpu").backward()
-        opt.step()
-    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs after one step")
-
-
-def test_loops_refuse_a_zero_eval_freq(loaders):
+def test_how_often_we_evaluate_does_not_change_what_is_trained(loaders):
+    """Evaluating draws from the shuffling generator and torch's RNG; fit must undo that,
+    or the weights would depend on eval_every (shuffled loader, dropout on)."""
     train_loader, val_loader = loaders
-    model = tiny_model()
-    with pytest.raises(ValueError, match="eval_freq"):
-        train_model_simple(model, train_loader, val_loader, make_optimizer(model), "cpu", 1, 0, 1, "Every", gpt2_tokenizer())
-    with pytest.raises(ValueError, match="eval_iter"):
-        train_model(model, train_loader, val_loader, make_optimizer(model), "cpu", 1, 1, 0, "Every", gpt2_tokenizer(), warmup_steps=1)
+    results = []
+    for eval_every in (1, 100):
+        shuffled = DataLoader(train_loader.dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(5))
+        model = tiny_model(3, drop_rate=0.3)
+        torch.manual_seed(11)  # the dropout masks
+        fit(model, shuffled, val_loader, make_optimizer(model, lr=1e-3), "cpu", num_epochs=2, eval_every=eval_every,
+            eval_batches=2, show_progress=False, log=False)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
