@@ -61,7 +61,7 @@ case "$cmd" in
     ;;
   grade-demo)
     setup
-    COURSE_SMOKE=${COURSE_SMOKE:-1} "$PYTHON" -m course_utils.grading_demo "$@"
+    COURSE_SMOKE=${COURSE_SMOKE:-1} "$PYTHON" -m course_utils.grading.demo "$@"
     ;;
   *)
     sed -n '2,9p' "$0"

@@ -21,7 +21,7 @@ from nbgrader.preprocessors import (
     SaveAutoGrades,
 )
 
-from course_utils.nbgrader_ext import RobustExecute
+from course_utils.grading.nbgrader_ext import RobustExecute
 
 c = get_config()  # noqa: F821 (provided by traitlets when it loads this file)
 

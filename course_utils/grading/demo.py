@@ -1,6 +1,6 @@
 """Grade a demo class end to end with nbgrader, in a temporary course directory.
 
-``python -m course_utils.grading_demo`` (or ``./course.sh grade-demo``) copies
+``python -m course_utils.grading.demo`` (or ``./course.sh grade-demo``) copies
 ``solutions/`` and ``nbgrader_config.py`` into a fresh folder, generates the student
 versions, hands in work for a made-up class, autogrades it, writes feedback, exports
 the grades and prints the score table with the time each step took. The repository
@@ -17,7 +17,7 @@ The class:
   cell), ``flooder`` (correct, but prints 200,000 lines), ``malformed`` (the file is
   not JSON) and ``absent`` (hands in a folder without the notebook).
 
-The pipeline tests (``tests/test_nbgrader_pipeline.py``) build their class with the
+The pipeline tests (``tests/grading/test_pipeline.py``) build their class with the
 same functions.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import nbformat
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # course_utils/grading/demo.py -> the repository
 FAULTY_KINDS = ("looper", "crasher", "cheater", "flooder", "malformed", "absent")
 
 

@@ -3,7 +3,7 @@
 One session-scoped course directory holds a copy of ``solutions/`` and
 ``nbgrader_config.py``; every assignment found under ``solutions/`` is generated,
 validated and graded, so new assignments are covered without editing this file.
-A made-up class (``course_utils.grading_demo``) hands in the solutions, the untouched
+A made-up class (``course_utils.grading.demo``) hands in the solutions, the untouched
 student versions, and, for ``ch03``, faulty work: an infinite loop, a kernel crash, a
 rewritten and a deleted locked test cell, a flood of output, a malformed notebook and
 a missing one. Notebooks run in quick mode (``COURSE_SMOKE=1``) with a 15 s cell limit.
@@ -17,9 +17,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils import grading_demo as demo
+from course_utils.grading import demo
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ASSIGNMENTS = demo.find_assignments(REPO / "solutions")
 FAULTY_ON = "ch03"
 CELL_TIMEOUT = ["--Execute.timeout=15"]
