@@ -8,6 +8,7 @@ data of :func:`course_utils.toy_data.make_moons`, importable from here too).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..toy_data import make_moons
+from ..train import train_step as _ref_train_step
 from .core import (
     Tolerance,
     _as_number,
@@ -167,27 +169,25 @@ def check_mlp(
 # --- a training loop ------------------------------------------------------------------
 
 
+def _features_loss(features: torch.Tensor, labels: torch.Tensor, model: nn.Module, device: Any) -> torch.Tensor:
+    """Appendix A's loss: cross-entropy of the model's (B, classes) outputs."""
+    return F.cross_entropy(model(features.to(device)), labels.to(device))
+
+
 def _ref_train_epochs(model: nn.Module, train_loader: DataLoader, optimizer: torch.optim.Optimizer, num_epochs: int,
                       mistake: str | None = None) -> list[float]:
-    """Per-epoch mean of the batch losses (cross-entropy); ``mistake`` for diagnoses."""
-    epoch_losses = []
+    """Per-epoch mean of the batch losses, each step the package's :func:`course_utils.train.train_step`.
+
+    ``mistake`` gives what a known slip would have returned, for diagnoses.
+    """
+    if mistake == "no_zero_grad":
+        optimizer.zero_grad = lambda set_to_none=True: None  # this run's optimizer only
+    per_epoch = []
     for _ in range(num_epochs):
         model.train()
-        batch_losses = []
-        for features, labels in train_loader:
-            loss = F.cross_entropy(model(features), labels)
-            if mistake != "no_zero_grad":
-                optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            batch_losses.append(loss.item())
-        if mistake == "last_batch":
-            epoch_losses.append(batch_losses[-1])
-        elif mistake == "sum":
-            epoch_losses.append(sum(batch_losses))
-        else:
-            epoch_losses.append(sum(batch_losses) / len(batch_losses))
-    return epoch_losses
+        losses = [float(_ref_train_step(model, x, y, optimizer, "cpu", loss_fn=_features_loss)) for x, y in train_loader]
+        per_epoch.append({"last_batch": losses[-1], "sum": sum(losses)}.get(mistake, sum(losses) / len(losses)))
+    return per_epoch
 
 
 _EPOCH_MISTAKES = {

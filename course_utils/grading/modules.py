@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import eval_mode
 from .core import (
     Tolerance,
     _call,
@@ -146,9 +147,7 @@ def check_dropout_behaviour(
     dropout done by hand) and dropout that is never applied. The module's mode is
     restored afterwards.
     """
-    was_training = module.training
-    try:
-        module.eval()
+    with eval_mode(module):  # every module's mode is put back at the end, even on failure
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(1)
             first = _call(module, *make_input(), what=f"{name}.forward", case=case, hint=call_hint)
@@ -175,5 +174,3 @@ def check_dropout_behaviour(
                 hint="apply the nn.Dropout layer you created (in attention: to the attention weights, after the "
                      "softmax); in train mode it zeroes a random fraction of them.",
             ))
-    finally:
-        module.train(was_training)
