@@ -10,6 +10,8 @@ machine is measured in the same run, and the 1x1024 forward is reported as a sha
     python benchmarks/bench_gpt.py                  # GPT-2 small (124M), CPU, ~10 min on 2 cores
     python benchmarks/bench_gpt.py --size tiny      # seconds: what CI runs so the script cannot rot
     python benchmarks/bench_gpt.py --device cuda --bf16   # on a GPU: bf16 autocast, flash SDPA, fused AdamW
+    python benchmarks/bench_gpt.py --size 124M --context 256 --cases longgen --repeats 1
+        # generation to 2x and 4x the context length (see long_generation_cases)
 """
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from course_utils.device import tune_cpu_allocator
-from course_utils.generate import generate
+from course_utils.generate import generate, window_start
 from course_utils.gpt import GPTConfig, GPTModel
 from course_utils.pretrained import load_gpt2_state_dict
+from course_utils.tokenizers import gpt2_tokenizer
 from course_utils.train import calc_loss_batch, make_optimizer, prepare_device_for_training
+
+PROMPT = "A lighthouse keeper counts the waves"  # every generation case starts from it
 
 # peak dense bf16 / fp32 FLOP/s of some cards, for model FLOP utilization on a GPU
 GPU_PEAK_FLOPS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}
@@ -86,13 +91,15 @@ class PeakMemory:
 
 # --- the two models ------------------------------------------------------------------
 
-def build_models(size: str, device: torch.device, drop_rate: float):
+def build_models(size: str, device: torch.device, drop_rate: float, context_length: int | None = None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if size == "tiny":
         cfg = GPTConfig.tiny(context_length=256, qkv_bias=True, tie_weights=True, drop_rate=drop_rate)
     else:
         cfg = GPTConfig.gpt2(size, qkv_bias=True, tie_weights=True, drop_rate=drop_rate)
+    if context_length is not None:
+        cfg = cfg.replace(context_length=context_length)
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
         n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
@@ -134,16 +141,20 @@ def _sync(device: torch.device) -> None:
 
 
 def run_case(name: str, tokens: int, make_step: dict[str, Callable[[], Callable[[], None]]],
-             repeats: int, warmup: int, device: torch.device) -> Result:
-    """Time ``repeats`` calls of each implementation's step, alternating the order."""
+             repeats: int, warmup: int, device: torch.device, measure_memory: bool = True) -> Result:
+    """Time ``repeats`` calls of each implementation's step, alternating the order.
+
+    With ``measure_memory``, one extra untimed call per implementation measures its peak.
+    """
     result = Result(name, tokens)
     steps = {impl: factory() for impl, factory in make_step.items()}  # build optimizers etc. once
     for impl, step in steps.items():
         for _ in range(warmup):
             step()
-        with PeakMemory(device) as mem:
-            step()
-        result.memory[impl] = mem.mib
+        if measure_memory:
+            with PeakMemory(device) as mem:
+                step()
+            result.memory[impl] = mem.mib
     for r in range(repeats):
         order = ["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]
         for impl in order:
@@ -269,8 +280,12 @@ def course_loop_case(args: argparse.Namespace, rounds: int) -> Result:
     return result
 
 
+def prompt_ids(device: torch.device) -> torch.Tensor:
+    return torch.tensor([gpt2_tokenizer().encode(PROMPT)], device=device)  # (1, 6)
+
+
 def generate_case(ours, hf, cfg, new_tokens, device, autocast):
-    prompt = torch.tensor([[6109, 3626, 6100, 345]], device=device)  # "Every effort moves you"
+    prompt = prompt_ids(device)
 
     def ours_factory():
         def step():
@@ -290,6 +305,101 @@ def generate_case(ours, hf, cfg, new_tokens, device, autocast):
         return step
 
     return {"ours": ours_factory, "hf": hf_factory}
+
+
+# --- generation past the context window ------------------------------------------------
+
+def hf_windowed_greedy(hf, prompt: torch.Tensor, new_tokens: int, context: int, stride: int,
+                       use_cache: bool = True) -> torch.Tensor:
+    """Greedy decoding with transformers' GPT2LMHeadModel over the windows ours uses.
+
+    ``generate`` of transformers cannot go past ``n_positions`` (the position embedding
+    has no row for position n_positions), so this loop does what a user would: it feeds
+    a window of at most ``context`` tokens chosen by course_utils.generate.window_start
+    (the course's one window policy) and, with ``use_cache``, keeps HF's own cache while
+    the window only grows, rebuilding it when the window moves.
+    """
+    idx, start, cache = prompt, max(0, prompt.shape[1] - context), None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            new_start = window_start(idx.shape[1], start, context, stride)
+            if not use_cache:
+                out = hf(idx[:, new_start:], use_cache=False, logits_to_keep=1)
+            elif cache is None or new_start != start:
+                out = hf(idx[:, new_start:], use_cache=True, logits_to_keep=1)  # (re)build the cache
+            else:
+                out = hf(idx[:, -1:], cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache if use_cache else None
+            start = new_start
+            idx = torch.cat([idx, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+class FedCounter:
+    """Records how many tokens each forward call of a model receives."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.fed: list[int] = []
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, _kwargs):
+        self.fed.append(args[0].shape[1])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class LongRow:
+    label: str
+    result: Result
+    fed_per_step: float
+    same_tokens: bool
+
+
+def long_generation_cases(ours, hf, cfg, device, multiples: list[int], repeats: int) -> list[LongRow]:
+    """Greedy generation until the sequence is ``m`` times the context length.
+
+    Two window policies, each run by both implementations on the same weights:
+    stride ``context // 4`` (course_utils' default with a KV cache: the cache is
+    rebuilt once every ``stride`` steps) and stride 1 (the plain sliding window, which
+    re-feeds the whole window at every step once it is full: what course_utils' cached
+    generate did before it had a stride, and what a user of transformers gets past
+    n_positions with a window loop). Ours runs ``generate``; HF runs
+    :func:`hf_windowed_greedy`, with its cache for stride > 1 and without for stride 1
+    (the window then moves every step, so a cache would be rebuilt every step anyway).
+    Runs alternate (ours, HF, HF, ours, ...); the first run of each also records the
+    tokens, so that ours and HF are checked to agree, and the tokens ours fed per step.
+    """
+    prompt = prompt_ids(device)
+    context, default_stride = cfg.context_length, max(1, cfg.context_length // 4)
+    ours.eval(), hf.eval()
+    rows = []
+    for m in multiples:
+        new = m * context - prompt.shape[1]
+        for stride in (default_stride, 1):
+            runs = {
+                "ours": lambda: generate(ours, prompt, new, context, window_stride=stride),
+                "hf": lambda: hf_windowed_greedy(hf, prompt, new, context, stride, use_cache=stride > 1),
+            }
+            label = (f"greedy to {m}x context ({new} new), stride {stride}"
+                     + (" (default), KV cache" if stride > 1 else ": plain window re-fed each step"))
+            result, outputs, counter = Result(label, new), {}, FedCounter(ours)
+            for r in range(repeats):
+                for impl in (["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]):
+                    _sync(device)
+                    begin = time.perf_counter()
+                    out = runs[impl]()
+                    _sync(device)
+                    result.times[impl].append(time.perf_counter() - begin)
+                    outputs.setdefault(impl, out)
+                    if impl == "ours":
+                        counter.remove()
+            fed = counter.fed[:new]  # the first run's steps
+            rows.append(LongRow(label, result, sum(fed) / len(fed), torch.equal(outputs["ours"], outputs["hf"])))
+            print(f"  {label}: ours {statistics.median(result.rates('ours')):.1f} tok/s, "
+                  f"HF {statistics.median(result.rates('hf')):.1f} tok/s", flush=True)
+    return rows
 
 
 # --- matmul rate and FLOPs -----------------------------------------------------------------
@@ -347,6 +457,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default="forward,train,generate")
     parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--context", type=int, default=None, help="override the context length (both models)")
+    parser.add_argument("--multiples", default="2,4", help="longgen: generate to these multiples of the context")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)  # internal: one isolated run
     parser.add_argument("--steps", type=int, default=3, help="timed steps per isolated worker process")
     args = parser.parse_args(argv)
@@ -371,7 +483,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"{torch.get_num_threads()} threads, size {args.size}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"allocator {'tuned (both models)' if tuned else 'default'}")
-    cfg, ours, hf = build_models(args.size, device, drop_rate=0.1)
+    cfg, ours, hf = build_models(args.size, device, drop_rate=0.1, context_length=args.context)
     print(f"same weights: max |logits ours - HF| = {check_same_logits(ours, hf, cfg, device):.2e}")
 
     long_seq = min(1024, cfg.context_length)
@@ -394,13 +506,30 @@ def main(argv: list[str] | None = None) -> list[Result]:
                                 generate_case(ours, hf, cfg, args.new_tokens, device, autocast),
                                 max(3, repeats // 2), 1, device))
 
-    print()
-    print(f"| case | ours tok/s (min-max) | HF tok/s (min-max) | ours/HF | ours peak MiB | HF peak MiB |")
-    print(f"|---|---|---|---|---|---|")
+    long_rows = []
+    if "longgen" in cases:
+        long_rows = long_generation_cases(ours, hf, cfg, device, [int(m) for m in args.multiples.split(",")],
+                                          max(1, repeats // 2))
+
+    if results:
+        print()
+        print(f"| case | ours tok/s (min-max) | HF tok/s (min-max) | ours/HF | ours peak MiB | HF peak MiB |")
+        print(f"|---|---|---|---|---|---|")
     for r in results:
         ratio = statistics.median(r.rates("ours")) / statistics.median(r.rates("hf"))
         print(f"| {r.name} | {fmt(r.rates('ours'))} | {fmt(r.rates('hf'))} | {ratio:.2f}x | "
               f"{r.memory['ours']:.0f} | {r.memory['hf']:.0f} |")
+
+    if long_rows:
+        print(f"\ncontext length {cfg.context_length}; generated tokens per second over the whole run "
+              f"(prompt {prompt_ids(device).shape[1]} tokens)\n")
+        print("| case | tokens fed per step (mean) | ours tok/s (min-max) | HF tok/s (min-max) | ours/HF | same tokens |")
+        print("|---|---|---|---|---|---|")
+        for row in long_rows:
+            r = row.result
+            ratio = statistics.median(r.rates("ours")) / statistics.median(r.rates("hf"))
+            print(f"| {row.label} | {row.fed_per_step:.1f} | {fmt(r.rates('ours'))} | {fmt(r.rates('hf'))} | "
+                  f"{ratio:.2f}x | {'yes' if row.same_tokens else 'no'} |")
 
     if results and results[0].name.startswith("forward 1x"):
         rate = matmul_rate(device)

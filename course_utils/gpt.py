@@ -3,8 +3,9 @@
 The pieces follow chapter 4: :class:`LayerNorm`, :class:`GELU`, :class:`FeedForward`,
 a pre-LayerNorm :class:`TransformerBlock` with shortcut connections, and
 :class:`GPTModel` (token + position embeddings, a stack of blocks, a final norm and a
-linear head onto the vocabulary). :class:`KVCache` stores the keys and values of
-tokens already seen so that generation computes each token once.
+linear head onto the vocabulary). A fresh model is initialised as GPT-2 was
+(:meth:`GPTModel.reset_parameters`). The KV cache that lets generation compute each
+token once lives in :mod:`course_utils.kv_cache`; ``GPTModel.new_cache()`` makes one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention
+from .kv_cache import KVCache, LayerKVCache
+
+INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
 # emb_dim, n_layers, n_heads of OpenAI's four GPT-2 sizes
 GPT2_SIZES: dict[str, dict[str, int]] = {
@@ -104,57 +108,6 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
-class LayerKVCache:
-    """Keys and values of one layer, in preallocated (B, H, capacity, hd) buffers."""
-
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new (B, H, T, hd) keys/values; return all stored so far."""
-        new = keys.shape[2]
-        if self.keys is None:
-            raise RuntimeError("LayerKVCache.reserve() must be called before append().")
-        end = self.length + new
-        if end > self.keys.shape[2]:
-            raise ValueError(
-                f"KV cache full: {self.length} cached + {new} new tokens exceed its capacity "
-                f"{self.keys.shape[2]}; reset the cache and re-feed the last context_length tokens."
-            )
-        self.keys[:, :, self.length:end] = keys
-        self.values[:, :, self.length:end] = values
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def reserve(self, like: torch.Tensor, capacity: int) -> None:
-        b, h, _, hd = like.shape
-        if self.keys is None or self.keys.shape[0] != b or self.keys.shape[2] < capacity:
-            self.keys = like.new_empty(b, h, capacity, hd)
-            self.values = like.new_empty(b, h, capacity, hd)
-
-
-class KVCache:
-    """Per-layer key/value caches for a whole model, plus the position reached.
-
-    Pass the same cache to successive ``model(idx, cache=cache)`` calls: the first
-    call feeds the prompt, each later call only the new token(s).
-    """
-
-    def __init__(self, n_layers: int, capacity: int):
-        self.layers = [LayerKVCache() for _ in range(n_layers)]
-        self.capacity = capacity
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.length = 0
-
-
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
@@ -184,6 +137,8 @@ class GPTModel(nn.Module):
     """A GPT-2-style decoder-only language model.
 
     ``forward(idx)`` maps token ids (B, T) to next-token logits (B, T, vocab_size).
+    A new model is initialised as GPT-2 was (see :meth:`reset_parameters`), so before
+    any training its loss on random tokens is close to ln(vocab_size).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -197,6 +152,41 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight  # one (vocab, emb) matrix, used twice
+        self.reset_parameters()
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """The layers whose outputs are added to the residual stream: in every block,
+        attention's ``out_proj`` and the feed-forward network's last Linear."""
+        return [layer for block in self.trf_blocks for layer in (block.att.out_proj, block.ff.layers[-1])]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the weights as GPT-2 does.
+
+        Every Linear weight and both embeddings are drawn from a normal distribution with
+        mean 0 and standard deviation 0.02, biases are 0, LayerNorm scales 1 and shifts 0. The residual projections
+        (:meth:`residual_projections`) get std 0.02 / sqrt(2 * n_layers): the residual
+        stream is a sum of 2 * n_layers of their outputs, and the smaller std keeps its
+        size at the start independent of the depth.
+
+        PyTorch's defaults would be far off for a language model: ``nn.Embedding``
+        draws from N(0, 1), and with a tied head each token's own logit then comes out
+        hundreds of units above the rest (an initial loss of about 470 for GPT-2 small
+        instead of about 11).
+        """
+        done: set[int] = set()  # a tied matrix is drawn once
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in done:
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                done.add(id(module.weight))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.scale)
+                nn.init.zeros_(module.shift)
+        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        for layer in self.residual_projections():
+            nn.init.normal_(layer.weight, mean=0.0, std=residual_std)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache sized for this model's context length."""
@@ -205,10 +195,22 @@ class GPTModel(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
-        With ``cache``, ``idx`` continues the cached sequence (positions start after it).
-        With ``last_only``, only the last position's logits are computed: (B, 1, vocab).
+        With ``cache``, ``idx`` continues the cached sequence (positions start after it),
+        and the call must not need gradients (the cache is for inference; see
+        :mod:`course_utils.kv_cache`). With ``last_only``, only the last position's
+        logits are computed: (B, 1, vocab).
         """
-        b, num_tokens = idx.shape
+        if idx.dim() != 2:
+            raise ValueError(
+                f"idx must be a (batch, tokens) tensor of token ids, got shape {tuple(idx.shape)}; "
+                f"for a single sequence add the batch dimension with idx.unsqueeze(0)."
+            )
+        if cache is not None and len(cache.layers) != len(self.trf_blocks):
+            raise ValueError(
+                f"The cache has {len(cache.layers)} layers but the model {len(self.trf_blocks)} blocks; "
+                f"make it with model.new_cache()."
+            )
+        num_tokens = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + num_tokens > self.cfg.context_length:
             raise ValueError(
@@ -218,13 +220,8 @@ class GPTModel(nn.Module):
         positions = torch.arange(start, start + num_tokens, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb)
         x = self.drop_emb(x)
-        for i, block in enumerate(self.trf_blocks):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = cache.layers[i]
-                if layer_cache.length == 0:
-                    h, hd = self.cfg.n_heads, self.cfg.emb_dim // self.cfg.n_heads
-                    layer_cache.reserve(x.new_empty(b, h, 0, hd), cache.capacity)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.trf_blocks)
+        for block, layer_cache in zip(self.trf_blocks, layer_caches):
             x = block(x, cache=layer_cache)
         if last_only:
             x = x[:, -1:, :]
@@ -244,7 +241,10 @@ def context_length_of(model: nn.Module) -> int | None:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of distinct parameters (a tied matrix counts once)."""
+    """Number of distinct parameters (a tied matrix counts once).
+
+    ``trainable_only`` counts only those with ``requires_grad`` (e.g. after freezing).
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 

@@ -230,6 +230,31 @@ def test_tiny_greedy_generation_matches_transformers(tiny_hf):
     assert_same_greedy(model, tiny_hf, idx, context_size=TINY["n_positions"])
 
 
+@pytest.mark.parametrize("stride", [1, 16])
+def test_tiny_generation_past_the_context_matches_transformers(tiny_hf, stride):
+    """Past n_positions, with the windows written out here and HF's own cache within each window."""
+    model = load_gpt2_state_dict(GPTModel(tiny_config()), tiny_hf.state_dict())
+    context, new = TINY["n_positions"], 80  # 10 + 80 tokens: past the 64-token window
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(5))
+    expected, start, cache, margin = idx, 0, None, float("inf")
+    with torch.no_grad():
+        for _ in range(new):
+            moved = False
+            while expected.shape[1] - start > context:  # the window [start, end) moves by whole strides
+                start, moved = start + stride, True
+            if cache is None or moved:
+                out = tiny_hf(expected[:, start:], use_cache=True)
+            else:
+                out = tiny_hf(expected[:, -1:], cache=cache, use_cache=True)
+            cache, top2 = out.cache, out.logits[:, -1].topk(2, dim=-1).values
+            margin = min(margin, (top2[:, 0] - top2[:, 1]).min().item())
+            expected = torch.cat([expected, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert margin > 10 * LOGITS_ATOL, f"near tie (top-2 gap {margin:.2e}): pick another seed"
+    assert len(set(expected[0, 10:].tolist())) > 5, "degenerate reference"
+    got = generate(model, idx, new, context, window_stride=stride)
+    assert torch.equal(got, expected)
+
+
 def test_124m_greedy_generation_matches_transformers(full_124m):
     hf, ours, _ = full_124m
     idx = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(4))

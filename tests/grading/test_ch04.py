@@ -172,7 +172,7 @@ CASES = {
     ),
     "check_greedy_generate": Cases(
         right=[right(f"{name}-{label}", fn, **kw)
-               for name, fn in (("by_hand", greedy()), ("package_cached", lambda m, i, n, c: generate(m, i, n, c, use_cache=True)),
+               for name, fn in (("by_hand", greedy()), ("package_cached", lambda m, i, n, c: generate(m, i, n, c, use_cache=True, window_stride=1)),
                                 ("package_uncached", lambda m, i, n, c: generate(m, i, n, c, use_cache=False)))
                for label, kw in GREEDY_SETTINGS.items()],
         wrong=[wrong("first_position", greedy("first_position"), "FIRST position"),
