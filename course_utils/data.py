@@ -6,9 +6,13 @@ is the input shifted one position to the left.
 """
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+
 import tiktoken
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .tokenizers import gpt2_tokenizer
 
@@ -47,6 +51,66 @@ class SlidingWindowDataset(Dataset):
         return chunk[:-1], chunk[1:]  # inputs, targets shifted by one
 
 
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    *,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    shard: bool | None = None,
+) -> DataLoader:
+    """The one place the course builds a DataLoader; every loader helper calls it.
+
+    ``shuffle`` draws a new order every epoch from ``generator``, or from a generator
+    seeded with ``seed``, or (neither given) from torch's global random state.
+    ``drop_last`` drops a final batch shorter than ``batch_size``.
+
+    Sharding: with ``shard=None`` (the default) the loader is sharded exactly when a
+    ``torch.distributed`` process group is initialised (under ``torchrun``), so the
+    same code trains on a different part of the data in each process. ``shard=True``
+    always uses a :class:`~torch.utils.data.DistributedSampler` (with one replica
+    outside a process group, which gives the same global order in one process as in
+    several); ``shard=False`` never does. A sharded loader gives rank ``r`` of ``N``
+    the positions ``r, r + N, ...`` of one order shared by all ranks: the plain order,
+    or (``shuffle``) a permutation seeded with ``seed`` (else ``generator``'s initial
+    seed, else 0) plus the epoch set by
+    :func:`course_utils.distributed.set_epoch`. ``drop_last`` then also makes every
+    rank's share equally long by dropping the remainder (without it the sampler
+    repeats a few samples to even the shares out).
+    """
+    try:
+        size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError(f"batch_size must be a positive integer (got {batch_size!r}).")
+    if seed is not None and generator is not None:
+        raise ValueError("Pass seed or generator, not both.")
+    if shard is None:
+        shard = dist.is_available() and dist.is_initialized()
+    common = dict(batch_size=size, drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn)
+    if shard:
+        grouped = dist.is_available() and dist.is_initialized()
+        if seed is None:
+            seed = generator.initial_seed() if generator is not None else 0
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=dist.get_world_size() if grouped else 1,
+            rank=dist.get_rank() if grouped else 0,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        return DataLoader(dataset, sampler=sampler, **common)
+    if generator is None and seed is not None:  # also seeds worker processes' base seed
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, shuffle=shuffle, generator=generator, **common)
+
+
 def create_dataloader(
     text: str,
     batch_size: int = 4,
@@ -62,17 +126,12 @@ def create_dataloader(
 
     ``stride == max_length`` gives non-overlapping windows (no token is a target
     twice per epoch); a smaller stride overlaps them. ``drop_last`` drops a short
-    final batch, which would otherwise give a noisy loss spike.
+    final batch, which would otherwise give a noisy loss spike. ``generator`` fixes
+    the shuffled order. Under ``torchrun`` each process gets its own share of the
+    windows (see :func:`build_loader`).
     """
     dataset = SlidingWindowDataset(text, tokenizer or gpt2_tokenizer(), max_length, stride)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        generator=generator,
-    )
+    return build_loader(dataset, batch_size, shuffle, drop_last, num_workers=num_workers, generator=generator)
 
 
 def train_val_split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:

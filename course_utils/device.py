@@ -88,13 +88,15 @@ def tune_cpu_allocator() -> bool:
     A training step on the CPU allocates and frees gigabytes of activations and
     gradients. By default glibc serves every large block with a fresh ``mmap`` and
     returns it on free, so the next step pays a page fault (and the kernel zeroes the
-    page) for every 4 KiB again: about a quarter of a million faults per GPT-2-small
-    step. Serving all blocks from the heap and never trimming it lets later steps
-    reuse the same memory: after a few steps most steps fault no page at all (an
-    occasional block is still placed afresh). The costs: the process keeps its peak
-    memory until it exits, and heap fragmentation adds some 10% to that peak. This is the same effect people get by preloading
-    jemalloc or tcmalloc. Returns True if the setting was applied (Linux with glibc),
-    False elsewhere; calling it again does nothing.
+    page) for every 4 KiB again: about 440,000 faults per GPT-2-small step at a batch
+    of 2 x 256 tokens (more for larger batches). Serving all blocks from the heap and
+    never trimming it lets later steps reuse the same memory: after a few steps most
+    steps fault no page at all (an occasional block is still placed afresh). The
+    costs: the process keeps its peak memory until it exits, and heap fragmentation
+    adds some 5-10% to that peak (9% for that GPT-2 step). ``python
+    benchmarks/bench_allocator.py`` measures both on your machine. This is the same
+    effect people get by preloading jemalloc or tcmalloc. Returns True if the setting
+    was applied (Linux with glibc), False elsewhere; calling it again does nothing.
     """
     global _allocator_tuned
     if _allocator_tuned:

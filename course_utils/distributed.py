@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .data import build_loader
 from .device import best_device
 
 # Environment variables torchrun sets in every process it starts.
@@ -117,15 +118,22 @@ def wrap_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it in DDP when distributed.
 
     Outside a process group the model itself comes back, so the same script runs in
-    one process. ``broadcast_buffers=False``: the course's models hold only constant
-    buffers (causal masks), so re-sending them before every forward pass is wasted.
+    one process. Buffers are not re-sent before every forward pass
+    (``forward_sync_buffers=False``; ``broadcast_buffers=False`` before PyTorch 2.13):
+    the course's models have no buffers that change in training (``GPTModel`` has
+    none at all, it builds its causal mask per call; chapter 3's ``CausalAttention``
+    keeps a constant mask). With PyTorch 2.13 and later DDP still copies rank 0's
+    buffers to every process once, when it wraps the model; older releases skip that
+    too. A model whose buffers change in ``forward`` (BatchNorm's running statistics)
+    would drift apart between processes: wrap such a model in DDP yourself, keeping
+    buffer syncing on.
     """
     device = torch.device(device)
     model = model.to(device)
     if not is_distributed():
         return model
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    # PyTorch 2.13 renamed the option; older releases only know broadcast_buffers
+    # PyTorch 2.13 renamed the option (broadcast_buffers is deprecated there); older releases only know broadcast_buffers
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         no_buffer_sync = {"forward_sync_buffers": False}
     else:
@@ -154,46 +162,41 @@ def distributed_loader(
     batch_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
-    drop_last: bool = True,
+    drop_last: bool | None = None,
     num_workers: int | None = None,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader over this process's share of ``dataset`` (all of it in one process).
 
     ``dataset`` may also be an existing DataLoader: its dataset, batch size,
-    ``drop_last``, worker count and collate function are reused unless given here.
-    ``batch_size`` is per process; the global batch is ``batch_size * world_size()``.
+    ``drop_last``, worker count and collate function are reused unless given here
+    (its shuffling is not: pass ``shuffle``). ``batch_size`` is per process; the
+    global batch is ``batch_size * world_size()``.
 
     A :class:`DistributedSampler` is used in every case (with a single replica
     outside a process group), so the order is the same seeded permutation
     (``shuffle=True``) or the plain order (``shuffle=False``) either way. Call
     :func:`set_epoch` at the start of every epoch to get a new permutation.
-    ``drop_last`` applies to the sampler (all ranks get equally many samples) and
-    to the loader (no short final batch).
+    ``drop_last`` (default True for a dataset) applies to the sampler (all ranks get
+    equally many samples) and to the loader (no short final batch). Built by
+    :func:`course_utils.data.build_loader` with ``shard=True``.
     """
     if isinstance(dataset, DataLoader):
         loader = dataset
         dataset = loader.dataset
         batch_size = batch_size if batch_size is not None else loader.batch_size
+        drop_last = drop_last if drop_last is not None else loader.drop_last
         num_workers = num_workers if num_workers is not None else loader.num_workers
         collate_fn = collate_fn if collate_fn is not None else loader.collate_fn
-    if batch_size is None or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer (got {batch_size}).")
-    sampler = DistributedSampler(
+    return build_loader(
         dataset,
-        num_replicas=world_size(),
-        rank=rank(),
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=drop_last,
+        batch_size,
+        shuffle,
+        drop_last if drop_last is not None else True,
         num_workers=num_workers or 0,
         collate_fn=collate_fn,
+        seed=seed,
+        shard=True,
     )
 
 
@@ -237,5 +240,5 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
 def all_reduce_tensor_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Elementwise sum of a tensor over all processes, as a new float64 CPU tensor."""
     if not is_distributed():
-        return tensor.detach().to("cpu", torch.float64)
+        return tensor.detach().to("cpu", torch.float64, copy=True)  # a copy even when already float64 on the CPU
     return _reduce(tensor, dist.ReduceOp.SUM).cpu()

@@ -47,8 +47,11 @@ def download_file(
     """Fetch ``url`` into ``path`` and return the path.
 
     If ``path`` already exists and matches ``sha256`` it is reused without a network
-    call; a cached file with the wrong hash is fetched again. After the download the
-    hash is checked before the file is moved into place.
+    call; a cached file with the wrong hash is fetched again, and so is any cached
+    file when ``sha256`` is None (nothing says it is the right one). After the
+    download the hash is checked before the file is moved into place, so a failed
+    download leaves an earlier file at ``path`` untouched. ``timeout`` (seconds)
+    applies to connecting and to each read; ``progress`` shows a progress bar.
 
     Raises:
         DownloadError: the server could not be reached, answered with an error, or
@@ -65,21 +68,24 @@ def download_file(
     try:
         digest = hashlib.sha256()
         received = 0
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
-                announced = response.headers.get("Content-Length")
-                total = int(announced) if announced is not None else None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
-                    for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTP errors, timeouts, resets, short reads
-            raise DownloadError(
-                f"Could not download {url}: {err}. Check your internet connection (or the URL), "
-                f"then run again; nothing was written to {path}."
-            ) from err
+        # Wrap the descriptor in a file object before anything can fail, so that every
+        # failure below (refused connection, HTTP error, short read) closes it too.
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    announced = response.headers.get("Content-Length")
+                    total = int(announced) if announced is not None else None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
+                        for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTP errors, timeouts, resets, short reads
+                raise DownloadError(
+                    f"Could not download {url}: {err}. Check your internet connection (or the URL), "
+                    f"then run again; nothing was written to {path}."
+                ) from err
         if total is not None and received != total:
             raise DownloadError(
                 f"Download of {url} stopped early: got {received} of {total} bytes. "

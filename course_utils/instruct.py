@@ -16,8 +16,9 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, build_loader
 from .tokenizers import GPT2_EOT_ID, gpt2_tokenizer
+
 PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -122,15 +123,14 @@ def create_instruction_dataloader(
     tokenizer: tiktoken.Encoding | None = None,
     seed: int = 123,
 ) -> DataLoader:
-    """A DataLoader of padded (inputs, targets) batches for instruction fine-tuning."""
+    """A DataLoader of padded (inputs, targets) batches for instruction fine-tuning.
+
+    Batches come from :func:`instruction_collate` (``allowed_max_length``,
+    ``mask_prompt`` and ``device`` are passed on); ``seed`` fixes the shuffled order.
+    Under ``torchrun`` each process gets its own share (see :func:`course_utils.data.build_loader`).
+    """
     dataset = InstructionDataset(data, tokenizer, with_prompt_length=mask_prompt)
     collate = partial(instruction_collate, allowed_max_length=allowed_max_length, mask_prompt=mask_prompt, device=device)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
+    return build_loader(
+        dataset, batch_size, shuffle, drop_last, num_workers=num_workers, collate_fn=collate, seed=seed
     )

@@ -13,6 +13,7 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data import build_loader
 from .datasets import load_sms_spam
 from .tokenizers import GPT2_EOT_ID, gpt2_tokenizer
 
@@ -35,7 +36,11 @@ def balance_classes(rows: Sequence[Example], seed: int = 123) -> list[Example]:
 def split_examples(
     rows: Sequence, train_frac: float = 0.7, val_frac: float = 0.1, seed: int = 123
 ) -> tuple[list, list, list]:
-    """Shuffle (seeded) and split into train, validation and test (the remainder)."""
+    """Shuffle (seeded) and split into train, validation and test.
+
+    The train and validation sizes are ``len(rows) * fraction`` rounded down; test
+    gets the remainder (20% with the defaults).
+    """
     if not (0 < train_frac and 0 <= val_frac and train_frac + val_frac <= 1):
         raise ValueError(f"Need 0 < train_frac, 0 <= val_frac, sum <= 1 (got {train_frac}, {val_frac}).")
     shuffled = list(rows)
@@ -87,14 +92,17 @@ class SpamDataset(Dataset):
 def create_spam_dataloaders(
     batch_size: int = 8, seed: int = 123, num_workers: int = 0, tokenizer: tiktoken.Encoding | None = None
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (shuffled, drop_last), validation and test loaders over the balanced split."""
+    """Train (shuffled with ``seed``, drop_last), validation and test loaders over the balanced split.
+
+    All three are padded to the training set's longest message. Under ``torchrun``
+    each process gets its own share of every split (see :func:`course_utils.data.build_loader`).
+    """
     train_rows, val_rows, test_rows = load_spam_splits(seed)
     train_set = SpamDataset(train_rows, tokenizer)
     val_set = SpamDataset(val_rows, tokenizer, max_length=train_set.max_length)
     test_set = SpamDataset(test_rows, tokenizer, max_length=train_set.max_length)
-    generator = torch.Generator().manual_seed(seed)
     return (
-        DataLoader(train_set, batch_size, shuffle=True, drop_last=True, num_workers=num_workers, generator=generator),
-        DataLoader(val_set, batch_size, shuffle=False, num_workers=num_workers),
-        DataLoader(test_set, batch_size, shuffle=False, num_workers=num_workers),
+        build_loader(train_set, batch_size, shuffle=True, drop_last=True, num_workers=num_workers, seed=seed),
+        build_loader(val_set, batch_size, num_workers=num_workers),
+        build_loader(test_set, batch_size, num_workers=num_workers),
     )

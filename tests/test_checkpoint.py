@@ -198,6 +198,37 @@ def test_mismatched_optimizer_raises_and_leaves_the_model_alone(saved):
     assert_unchanged(model, before)
 
 
+def test_wrongly_shaped_optimizer_state_raises_and_leaves_model_and_optimizer_alone(saved):
+    """Same number of parameters per group, but one moment tensor has another shape.
+
+    torch's own Optimizer.load_state_dict checks only the group sizes, so without
+    load_checkpoint's shape check this would load, and fail (or silently broadcast)
+    at the next step.
+    """
+    file = saved / "optimizer.pt"
+    state = torch.load(file, weights_only=True)
+    first = state["param_groups"][0]["params"][0]
+    good_shape = tuple(state["state"][first]["exp_avg"].shape)
+    state["state"][first]["exp_avg"] = torch.zeros(good_shape[0] + 1, *good_shape[1:])
+    torch.save(state, file)
+    manifest = json.loads((saved / "config.json").read_text())
+    manifest["sha256"]["optimizer.pt"] = ckpt.sha256_of(file)  # a consistent file, so only the shape is wrong
+    (saved / "config.json").write_text(json.dumps(manifest))
+
+    model, optimizer = model_and_optimizer(seed=9, steps=1)  # an optimizer with state of its own
+    before = snapshot(model)
+    opt_before = {idx: {k: v.clone() for k, v in entry.items()} for idx, entry in optimizer.state_dict()["state"].items()}
+    with pytest.raises(CheckpointError, match="exp_avg") as err:
+        load_checkpoint(saved, model, optimizer)
+    assert f"shape {(good_shape[0] + 1, *good_shape[1:])}" in str(err.value) and str(file) in str(err.value)
+    assert_unchanged(model, before)
+    opt_after = optimizer.state_dict()["state"]
+    assert opt_after.keys() == opt_before.keys()
+    for idx, entry in opt_before.items():
+        for key, value in entry.items():
+            assert torch.equal(opt_after[idx][key], value), f"optimizer state[{idx}][{key}] changed"
+
+
 def test_missing_directory_and_missing_optimizer(tmp_path, saved):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nowhere", GPTModel(CFG))

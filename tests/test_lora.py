@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import course_utils.lora as lora_module
 from course_utils.gpt import GPTConfig, GPTModel
 from course_utils.lora import LinearWithLoRA, LoRALayer, count_trainable, freeze_for_lora, replace_linear_with_lora
 from course_utils.train import calc_loss_batch, make_optimizer
@@ -112,3 +113,78 @@ def test_freeze_for_lora_and_unfrozen_replace():
     assert all((".lora." in n) == p.requires_grad for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="rank"):
         LoRALayer(4, 4, rank=0, alpha=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lora_matrices_follow_the_base_layers_dtype(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 4).to(dtype)
+    wrapped = LinearWithLoRA(linear, rank=2, alpha=4)
+    assert wrapped.lora.A.dtype == wrapped.lora.B.dtype == dtype
+    with torch.no_grad():
+        wrapped.lora.B.normal_()
+    x = torch.randn(3, 8, dtype=dtype)
+    out = wrapped(x)  # mixing dtypes would raise in the matmul, or upcast the output
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, linear(x) + 2.0 * (x @ wrapped.lora.A @ wrapped.lora.B))
+
+
+def test_lora_matrices_follow_the_base_layers_device():
+    linear = nn.Linear(8, 4, device="meta")  # a device other than the CPU, available everywhere
+    wrapped = LinearWithLoRA(linear, rank=2, alpha=4)
+    assert wrapped.lora.A.device.type == wrapped.lora.B.device.type == "meta"
+    model = replace_linear_with_lora(nn.Sequential(nn.Linear(4, 4, device="meta", dtype=torch.float64)), rank=2, alpha=2)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
+
+
+def test_lora_on_a_bfloat16_gpt_runs_and_starts_equal():
+    torch.manual_seed(0)
+    base = GPTModel(CFG).to(torch.bfloat16).eval()
+    adapted = GPTModel(CFG).to(torch.bfloat16)
+    adapted.load_state_dict(base.state_dict())
+    replace_linear_with_lora(adapted, rank=RANK, alpha=ALPHA).eval()
+    assert {p.dtype for n, p in adapted.named_parameters() if ".lora." in n} == {torch.bfloat16}
+    idx = torch.randint(0, CFG.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(adapted(idx), base(idx))
+
+
+# The module docstring's figures for GPT-2 small with rank 16, counted on the meta device
+# (no memory is allocated): 12 blocks x (4 x 16 x (768 + 768) + 16 x (768 + 3072) + 16 x (3072 + 768))
+# = 2,654,208 in the blocks, plus the output head: 16 x (768 + 2) for a 2-class classifier
+# head, 16 x (768 + 50257) for the language-model head.
+@pytest.mark.parametrize("head,expected", [("classifier", 2_666_528), ("lm", 3_470_608)])
+def test_gpt2_small_rank_16_trainable_counts_in_the_docstring(head, expected):
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.gpt2("124M"))
+        if head == "classifier":
+            model.out_head = nn.Linear(768, 2)
+    replace_linear_with_lora(model, rank=16, alpha=16)
+    assert count_trainable(model) == expected
+    assert f"{expected:,}" in lora_module.__doc__, "the docstring must state the figure this test counts"
+
+
+def test_count_trainable_counts_a_shared_tensor_once():
+    torch.manual_seed(0)
+    model = GPTModel(CFG.replace(tie_weights=True))
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert count_trainable(model) == sum(unique.values())
+    assert count_trainable(model) < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    model.tok_emb.weight.requires_grad = False
+    assert count_trainable(model) == sum(unique.values()) - model.tok_emb.weight.numel()
+
+
+def test_unfrozen_replace_keeps_earlier_freezing():
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    model.tok_emb.weight.requires_grad = False
+    replace_linear_with_lora(model, rank=RANK, alpha=ALPHA, freeze=False)
+    assert not model.tok_emb.weight.requires_grad
+    adapted = [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
+    assert adapted and all(m.linear.weight.requires_grad and m.lora.A.requires_grad for m in adapted)
+
+
+def test_lora_layer_repr_and_scaling_attributes():
+    layer = LoRALayer(in_dim=6, out_dim=3, rank=2, alpha=5)
+    assert (layer.rank, layer.alpha, layer.scaling) == (2, 5, 2.5)
+    assert repr(layer) == "LoRALayer(in_dim=6, out_dim=3, rank=2, alpha=5)"

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import tiktoken
+import torch
 
 from course_utils.datasets import ASSETS_DIR, load_the_verdict
 from course_utils.tokenizers import (
@@ -13,7 +14,9 @@ from course_utils.tokenizers import (
     UNK,
     SimpleTokenizer,
     build_vocab,
+    gpt2_byte_alphabet,
     gpt2_tokenizer,
+    load_gpt2_ranks,
     split_text,
 )
 
@@ -137,3 +140,53 @@ def test_build_vocab_sorted_with_specials_last():
     vocab = build_vocab(["b", "a", "b"])
     assert list(vocab) == ["a", "b", ENDOFTEXT, UNK]
     assert list(vocab.values()) == [0, 1, 2, 3]
+
+
+def test_gpt2_byte_alphabet_layout():
+    alphabet = gpt2_byte_alphabet()
+    assert len(alphabet) == 256 and sorted(alphabet.values()) == list(range(256))
+    assert alphabet["!"] == 33 and alphabet["A"] == 65 and alphabet["\u00e9"] == 0xE9  # printable: themselves
+    assert alphabet["\u0120"] == 32 and alphabet["\u010a"] == 10  # space and newline: shifted ("Ġ", "Ċ")
+    assert alphabet["\u0100"] == 0 and " " not in alphabet
+    assert list(alphabet.values())[:3] == [33, 34, 35], "printable bytes first, in byte order: the rank order"
+    assert len([ch for ch in alphabet if ord(ch) >= 256]) == 68
+
+
+def test_load_gpt2_ranks_refuses_inconsistent_files(tmp_path, monkeypatch):
+    import course_utils.tokenizers as tokenizers
+
+    merges = (ASSETS_DIR / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges[1], merges[2] = merges[2], merges[1]  # two merges swapped: their ranks no longer match encoder.json
+    (tmp_path / "vocab.bpe").write_text("\n".join(merges), encoding="utf-8")
+    shutil.copy(ASSETS_DIR / "gpt2" / "encoder.json", tmp_path / "encoder.json")
+    monkeypatch.setattr(tokenizers, "asset_path", lambda name: tmp_path / name.split("/")[-1])
+    with pytest.raises(ValueError, match="disagree"):
+        tokenizers.load_gpt2_ranks()
+
+
+def test_load_gpt2_ranks_counts():
+    ranks = load_gpt2_ranks()
+    assert len(ranks) == 50256 and sorted(ranks.values()) == list(range(50256))
+    assert ranks[b"!"] == 0 and ranks[b" the"] == 262
+
+
+def test_build_vocab_custom_and_present_specials():
+    assert build_vocab(["b", UNK, "a"]) == {UNK: 0, "a": 1, "b": 2, ENDOFTEXT: 3}  # UNK sorted in, not repeated
+    assert build_vocab(["x"], specials=("<|pad|>",)) == {"x": 0, "<|pad|>": 1}
+    assert build_vocab([], specials=()) == {}
+
+
+def test_simple_tokenizer_decode_joins_and_fixes_punctuation_spacing():
+    vocab = build_vocab(split_text('Hello, world. "Yes" (no) -- done!'))
+    tok = SimpleTokenizer(vocab)
+    assert tok.vocab_size == len(vocab)
+    ids = tok.encode("Hello, world.")
+    assert tok.decode(ids) == "Hello, world."
+    assert tok.decode(torch.tensor(ids)) == "Hello, world.", "tensors of ids decode too"
+    assert tok.decode([vocab["Hello"], vocab["--"], vocab["done"], vocab["!"]]) == "Hello -- done!"
+    assert tok.str_to_int == vocab and tok.int_to_str == {i: w for w, i in vocab.items()}
+
+
+def test_split_text_separators():
+    assert split_text('a--b (c) "d"\t e\n\nf_g') == ["a", "--", "b", "(", "c", ")", '"', "d", '"', "e", "f", "_", "g"]
+    assert split_text("   ") == []
