@@ -37,3 +37,11 @@ def test_bench_gpt_tiny_runs_every_case():
 def test_pretrain_ch5_tiny_runs():
     out = _run("pretrain_ch5.py", "--tiny")
     assert "whole job:" in out and "peak RSS" in out
+
+
+def test_bench_allocator_tiny_runs_both_settings():
+    out = _run("bench_allocator.py", "--steps", "1", "--warmup", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| default") or line.startswith("| tuned")]
+    assert len(rows) == 2, out
+    assert "applied: True" in rows[1], "on glibc the setting must apply"
+    assert "tuned / default" in out
