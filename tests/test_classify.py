@@ -225,3 +225,89 @@ def test_classify_text_matches_the_models_last_position():
     assert classify_text("hi", LastTokenParity(), tokenizer, "cpu", max_length=5, labels=parity) == "even"
     long_text = "word " * 100  # longer than the context: cut, not an error
     assert classify_text(long_text, model, tokenizer, "cpu") in LABELS
+
+
+# --- the finer points ---------------------------------------------------------------------
+
+
+def test_head_matches_the_models_dtype_and_bad_arguments_are_refused():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.tiny(vocab_size=100, context_length=8)).double()
+    add_classification_head(model, num_classes=3)
+    assert model.out_head.weight.dtype == torch.float64 and model.out_head.bias.dtype == torch.float64
+    assert model(torch.randint(0, 100, (2, 5))).dtype == torch.float64
+    for bad in (dict(num_classes=1), dict(train_last_blocks=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            add_classification_head(GPTModel(GPTConfig.tiny(vocab_size=100, context_length=8)), **bad)
+
+
+def test_loss_loader_is_per_example_over_the_first_batches():
+    inputs = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 4], [0, 5]])
+    labels = torch.tensor([1, 1, 0, 0, 1])
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=2)  # batches of 2, 2, 1
+    stub = LastTokenParity()
+    last = stub(inputs)[:, -1]
+    per_example = F.cross_entropy(last, labels, reduction="none")
+    assert calc_loss_loader_classification(loader, stub, "cpu") == pytest.approx(per_example.mean().item())
+    assert calc_loss_loader_classification(loader, stub, "cpu", num_batches=1) == pytest.approx(per_example[:2].mean().item())
+
+
+def test_train_classifier_passes_on_clipping_and_eval_batches(spam_loaders):
+    _, val_loader, fixed = spam_loaders
+    model = classifier(seed=1)
+    optimizer = make_optimizer(model, lr=1e-3)
+    norms = []
+
+    def hook(opt, args, kwargs):
+        grads = [p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+
+    optimizer.register_step_pre_hook(hook)
+    first_batch = [next(iter(fixed))]
+    loss_0, acc_0 = _hand_metrics(model, first_batch)
+    history = train_classifier(model, fixed, val_loader, optimizer, "cpu", num_epochs=1, eval_every=100, eval_batches=1,
+                               max_grad_norm=1e-3, show_progress=False, log=False)
+    assert norms == pytest.approx([1e-3] * len(fixed), rel=1e-3), "every step clipped"
+    assert history["train_loss"][0] == pytest.approx(loss_0, rel=1e-6) and history["train_acc"][0] == pytest.approx(acc_0)
+
+
+class ModeDependent(nn.Module):
+    """Says class 1 in training mode and class 0 in eval mode (at every position)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*idx.shape, 2)
+        logits[..., 1 if self.training else 0] = 1.0
+        return logits
+
+
+def test_classify_text_predicts_in_eval_mode_and_restores_the_mode():
+    stub = ModeDependent().train()
+    assert classify_text("hello", stub, gpt2_tokenizer(), "cpu") == "ham"  # class 0
+    assert stub.training
+
+
+def test_classify_text_pads_with_the_given_id_and_refuses_what_it_cannot_name():
+    tokenizer = gpt2_tokenizer()
+    parity = {"even": 0, "odd": 1}
+    stub = LastTokenParity()
+    assert classify_text("hi", stub, tokenizer, "cpu", max_length=5, pad_token_id=7, labels=parity) == "odd"
+    assert classify_text("hi", stub, tokenizer, "cpu", max_length=5, pad_token_id=8, labels=parity) == "even"
+    with pytest.raises(ValueError, match="no tokens"):
+        classify_text("", stub, tokenizer, "cpu")
+    with pytest.raises(ValueError, match="no name"):
+        classify_text("hi", stub, tokenizer, "cpu", max_length=5, pad_token_id=7, labels={"even": 0})
+
+
+def test_classify_text_never_goes_past_the_context_and_pads_only_to_max_length():
+    model = classifier(seed=3)  # context of MAX_LEN tokens
+    tokenizer = gpt2_tokenizer()
+    long_text = "word " * 100
+    assert classify_text(long_text, model, tokenizer, "cpu", max_length=4 * MAX_LEN) == classify_text(
+        long_text, model, tokenizer, "cpu", max_length=MAX_LEN)
+    short = "Call now"
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    classify_text(short, model, tokenizer, "cpu")
+    classify_text(short, model, tokenizer, "cpu", max_length=10)
+    classify_text(long_text, model, tokenizer, "cpu", max_length=4 * MAX_LEN)
+    assert lengths == [len(tokenizer.encode(short)), 10, MAX_LEN], "no padding without max_length; cut to the context"

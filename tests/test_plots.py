@@ -60,3 +60,32 @@ def test_plots_do_not_register_with_pyplot():
     plot_history(_history())
     plot_lr(_history())
     assert plt.get_fignums() == before
+
+
+def test_epoch_lines_are_interpolated_between_evaluations():
+    """Evaluations every 3 steps, 4 steps per epoch: the epochs end between rows."""
+    history = History()
+    for step in (0, 3, 6, 8):
+        history.record(step, step / 4, 100 * step, train_loss=1.0, val_loss=1.0)
+    (ax,) = plot_history(history).axes
+    curves = [line for line in ax.get_lines() if line.get_label() in ("training", "validation")]
+    ends = sorted(line.get_xdata()[0] for line in ax.get_lines() if line not in curves)
+    assert ends == pytest.approx([400, 800])
+
+
+def test_plot_history_legend_formats_and_distinct_curves():
+    history = History()
+    for step in range(3):
+        history.record(step, step / 2, 6000 * step, train_perplexity=9.0 - step, val_perplexity=9.5 - step)
+    (ax,) = plot_history(history, metrics=("perplexity",)).axes
+    assert ax.get_title() == "perplexity", "a metric without a set title is named as it is"
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["training", "validation"]
+    assert ax.xaxis.get_major_formatter()(12_000, 0) == "12k", "tokens seen in engineering notation"
+    train, val = [line for line in ax.get_lines() if line.get_label() in ("training", "validation")]
+    assert train.get_linestyle() != val.get_linestyle() and train.get_color() != val.get_color()
+
+
+def test_plot_lr_axis_label():
+    ax = plot_lr([1e-4, 2e-4, 1.5e-4]).axes[0]
+    assert ax.get_xlabel() == "optimizer step" and ax.get_title() == "Learning rate per step"
+    assert ax.yaxis.get_major_formatter()(0.0002, 0) == "200µ"

@@ -420,3 +420,182 @@ def test_how_often_we_evaluate_does_not_change_what_is_trained(loaders):
             eval_batches=2, show_progress=False, log=False)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+# --- the finer points of the contract (small-vocabulary models: fast) -----------------
+
+SMALL_VOCAB = 300  # the GPT-2 byte tokens and the first merges: "Q!" encodes to [48, 0]
+
+
+def small_model(seed: int = 0, **overrides) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(GPTConfig.tiny(vocab_size=SMALL_VOCAB, context_length=8, emb_dim=32, n_heads=2, **overrides))
+
+
+def random_windows(n: int, seed: int = 0, seq: int = 8) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, SMALL_VOCAB, (n, seq + 1), generator=g)
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+def test_evaluate_is_nan_when_no_target_counts():
+    model = small_model()
+    x = torch.randint(0, SMALL_VOCAB, (2, 8))
+    masked = [(x, torch.full_like(x, -100))] * 2
+    assert math.isnan(calc_loss_loader(token_loader(masked), model, "cpu"))
+    assert math.isnan(evaluate(model, token_loader(masked), "cpu")["loss"])
+
+
+def test_make_optimizer_defaults_and_empty_groups():
+    model = small_model()
+    decay, no_decay = make_optimizer(model).param_groups  # chapter 5's AdamW settings
+    assert decay["lr"] == no_decay["lr"] == 4e-4
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # a group with nothing in it is left out: only LayerNorms trainable -> one group, no decay
+    model.requires_grad_(False)
+    model.final_norm.requires_grad_(True)
+    (only,) = make_optimizer(model, weight_decay=0.3).param_groups
+    assert only["weight_decay"] == 0.0 and len(only["params"]) == 2
+    matrices = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
+    (only,) = make_optimizer(matrices, weight_decay=0.3).param_groups
+    assert only["weight_decay"] == 0.3
+
+
+def test_lr_at_step_with_no_decay_steps_and_negative_warmup():
+    # warm-up of 3 in a 4-step run: the last step (3) is the first and only one at the peak
+    assert [lr_at_step(s, 4, 1e-3, 3) for s in range(4)] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert lr_at_step(4, 4, 1e-3, 3) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lr_at_step(0, 10, 1e-3, -1)
+
+
+class _EpochSampler(torch.utils.data.DistributedSampler):
+    """A one-process DistributedSampler that remembers which epochs it was told."""
+
+    def __init__(self, dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.told: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.told.append(epoch)
+        super().set_epoch(epoch)
+
+
+def test_fit_tells_the_sampler_each_epoch_and_a_resumed_run_does_only_what_is_left():
+    """Epoch bookkeeping: set_epoch and after_epoch once per epoch, finished epochs not replayed."""
+    dataset = random_windows(12)  # 3 steps per epoch
+    kwargs = dict(num_epochs=3, eval_every=100, eval_batches=1, show_progress=False, log=False)
+
+    def run(model, history=None, stop=None):
+        sampler = _EpochSampler(dataset)
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler)
+        ended = []
+
+        def after_epoch(trained, epoch):
+            ended.append(epoch)
+            return f"end of {epoch}"
+
+        schedule = _StopAt(lambda step: 1e-3, stop) if stop is not None else None
+        history = fit(model, loader, loader, make_optimizer(model, lr=1e-3), "cpu", history=history,
+                      schedule=schedule, after_epoch=after_epoch, **kwargs)
+        return history, sampler.told, ended
+
+    straight, told, ended = run(small_model())
+    assert told == [0, 1, 2] and ended == [0, 1, 2]
+    assert straight.samples == [{"step": 3 * (e + 1), "epoch": e + 1, "text": f"end of {e}"} for e in range(3)]
+
+    model, history = small_model(), History()
+    with pytest.raises(KeyboardInterrupt):
+        run(model, history, stop=4)  # in the middle of the second epoch
+    resumed, told, ended = run(model, history)
+    assert told == [1, 2] and ended == [1, 2], "finished epochs are skipped, not replayed"
+    assert resumed.samples == straight.samples and resumed.step == straight.step
+
+
+def test_fit_trains_in_train_mode_even_when_handed_a_model_in_eval_mode():
+    model = small_model(drop_rate=0.5).eval()  # as load_model_from_checkpoint returns it
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training) if torch.is_grad_enabled() else None)
+    loader = DataLoader(random_windows(8), batch_size=4)
+    fit(model, loader, loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=1, show_progress=False, log=False)
+    assert modes == [True, True], "both training forwards run with dropout on"
+
+
+def test_seen_adds_up_over_several_interrupted_calls():
+    loader = DataLoader(random_windows(10), batch_size=4)  # batches of 4, 4 and 2 windows
+    sizes = [4 * 8, 4 * 8, 2 * 8] * 2
+    kwargs = dict(num_epochs=2, eval_every=2, eval_batches=1, show_progress=False, log=False)
+    model, history = small_model(), History()
+    optimizer = make_optimizer(model)
+    for stop in (2, 5):
+        with pytest.raises(KeyboardInterrupt):
+            fit(model, loader, loader, optimizer, "cpu", schedule=_StopAt(lambda s: 1e-3, stop), history=history, **kwargs)
+        assert history.steps_done == stop and history.seen_total == sum(sizes[:stop])
+    fit(model, loader, loader, optimizer, "cpu", history=history, **kwargs)
+    assert history.step == [0, 2, 4, 6] and history.seen == [0, 64, 112, 160] and history.seen_total == sum(sizes)
+
+
+def test_fit_counts_what_count_says_about_the_inputs():
+    """count() is applied to the input batch: with (B,) class targets, tokens are B x T."""
+    from course_utils.classify import calc_loss_batch_classification, classification_measure
+    from course_utils.train import count_tokens
+
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randint(0, SMALL_VOCAB, (6, 8), generator=g), torch.randint(0, 2, (6,), generator=g))
+    loader = DataLoader(dataset, batch_size=4)  # 4 and 2 examples
+    model = small_model()
+    history = fit(model, loader, loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=1,
+                  loss_fn=calc_loss_batch_classification, measure=classification_measure, count=count_tokens,
+                  show_progress=False, log=False)
+    assert history.seen == [0, 32, 48] and history.seen_total == 48
+
+
+def test_fit_refuses_runs_it_cannot_do():
+    loader = DataLoader(random_windows(8), batch_size=4)  # 2 steps per epoch
+    model = small_model()
+    too_far = History(steps_done=5)
+    with pytest.raises(ValueError, match="5 steps done, more than this run's 4"):
+        fit(model, loader, loader, make_optimizer(model), "cpu", num_epochs=2, eval_every=1, history=too_far,
+            show_progress=False, log=False)
+    with pytest.raises(ValueError, match="num_epochs must be at least 0"):
+        fit(model, loader, loader, make_optimizer(model), "cpu", num_epochs=-1, eval_every=1, show_progress=False, log=False)
+
+
+def test_train_language_model_passes_on_schedule_clipping_and_sample_length():
+    tokenizer = gpt2_tokenizer()
+    prompt = "Q!"
+    assert max(tokenizer.encode(prompt)) < SMALL_VOCAB
+    loader = DataLoader(random_windows(8), batch_size=4)  # 2 steps per epoch
+    model = small_model()
+    optimizer = make_optimizer(model, lr=1.0)
+    seen = []
+
+    def hook(opt, args, kwargs):
+        grads = [p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((opt.param_groups[0]["lr"], torch.linalg.vector_norm(torch.cat(grads)).item()))
+
+    optimizer.register_step_pre_hook(hook)
+    schedule = WarmupCosine(peak_lr=1e-3, total_steps=4, warmup_steps=1, initial_lr=1e-4)
+    history = train_language_model(model, loader, loader, optimizer, "cpu", num_epochs=2, eval_every=10, eval_batches=1,
+                                   tokenizer=tokenizer, prompt=prompt, sample_tokens=3, schedule=schedule,
+                                   max_grad_norm=1e-3, show_progress=False, log=False)
+    assert [lr for lr, _ in seen] == pytest.approx([schedule(s) for s in range(4)])
+    assert [norm for _, norm in seen] == pytest.approx([1e-3] * 4, rel=1e-3), "every step clipped"
+    assert history.samples[-1]["text"] == sample_text(model, tokenizer, "cpu", prompt, max_new_tokens=3)
+
+    default = train_language_model(model, loader, loader, make_optimizer(model), "cpu", num_epochs=1, eval_every=10,
+                                   eval_batches=1, tokenizer=tokenizer, prompt=prompt, show_progress=False, log=False)
+    assert default.samples[-1]["text"] == sample_text(model, tokenizer, "cpu", prompt, max_new_tokens=50), "50 tokens by default"
+
+
+def test_save_training_state_keeps_extra_next_to_the_history(tmp_path):
+    from course_utils.checkpoint import load_checkpoint
+
+    model = small_model()
+    optimizer = make_optimizer(model)
+    history = History()
+    history.record(0, 0.0, 0, train_loss=5.0)
+    save_training_state(tmp_path / "run", model, optimizer, history, epoch=3, note="warm-up done")
+    extra = load_checkpoint(tmp_path / "run", small_model(1), make_optimizer(small_model(1)))
+    assert extra["epoch"] == 3 and extra["note"] == "warm-up done" and extra["history"] == history.to_dict()
+    assert load_training_state(tmp_path / "run", small_model(1), make_optimizer(small_model(1))) == history
