@@ -207,3 +207,55 @@ def test_load_model_from_checkpoint_puts_the_model_where_asked(tmp_path):
     save_checkpoint(tmp_path / "m", gpt())
     rebuilt = load_model_from_checkpoint(tmp_path / "m", map_location="meta")
     assert {p.device.type for p in rebuilt.parameters()} == {"meta"} and not rebuilt.training
+
+
+# --- all or nothing --------------------------------------------------------------------------
+
+
+def test_a_save_moves_the_finished_directory_into_place(tmp_path, monkeypatch):
+    """The directory written in full is the one that appears: renamed into place, not copied."""
+    made = []
+    real_mkdtemp = ckpt.tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        path = real_mkdtemp(*args, **kwargs)
+        made.append(os.stat(path).st_ino)
+        return path
+
+    monkeypatch.setattr(ckpt.tempfile, "mkdtemp", mkdtemp)
+    model = gpt()
+    for _ in range(2):  # a first save, then one replacing it
+        made.clear()
+        save_checkpoint(tmp_path / "run", model, make_optimizer(model))
+        assert os.stat(tmp_path / "run").st_ino == made[0]
+    assert os.listdir(tmp_path) == ["run"]
+
+
+def test_first_save_flushes_every_file_before_the_checkpoint_appears(tmp_path, monkeypatch):
+    flushed = []
+    real_fsync = ckpt._fsync
+
+    def fsync(path):
+        flushed.append((path.name, (tmp_path / "run").exists()))
+        real_fsync(path)
+
+    monkeypatch.setattr(ckpt, "_fsync", fsync)
+    model = gpt()
+    save_checkpoint(tmp_path / "run", model, make_optimizer(model))
+    assert sorted(flushed) == [("config.json", False), ("model.safetensors", False), ("optimizer.pt", False)]
+
+
+def test_a_directory_that_appears_during_the_save_is_not_replaced(tmp_path, monkeypatch):
+    """Checked again just before the swap: files put at the path meanwhile are never deleted."""
+    target = tmp_path / "run"
+    real_save_file = ckpt.safetensors.torch.save_file
+
+    def save_file(*args, **kwargs):
+        target.mkdir()
+        (target / "cat.jpg").write_bytes(b"meow")  # someone else's files arrive mid-save
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.safetensors.torch, "save_file", save_file)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        save_checkpoint(target, gpt())
+    assert os.listdir(target) == ["cat.jpg"] and os.listdir(tmp_path) == ["run"]

@@ -88,4 +88,4 @@ def test_plot_history_legend_formats_and_distinct_curves():
 def test_plot_lr_axis_label():
     ax = plot_lr([1e-4, 2e-4, 1.5e-4]).axes[0]
     assert ax.get_xlabel() == "optimizer step" and ax.get_title() == "Learning rate per step"
-    assert ax.yaxis.get_major_formatter()(0.0002, 0) == "200µ"
+    assert ax.yaxis.get_major_formatter()(0.0002, 0) in ("200\u00b5", "200\u03bc")  # micro sign or Greek mu
