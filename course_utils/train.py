@@ -109,19 +109,12 @@ def evaluate(
             for name, (total, count) in measure(input_batch, target_batch, plain, device).items():
                 sums[name] = sums.get(name, 0.0) + total.detach().double().cpu()
                 counts[name] = counts.get(name, 0) + count
-    if not sums:  # no batches: ask the measure for its names with an empty result
-        return {name: math.nan for name in _measure_names(measure, loader, plain, device)}
-    names = sorted(sums)
-    packed = torch.tensor([[float(sums[n]), float(counts[n])] for n in names], dtype=torch.float64)
+    # No batches here: the measure's declared names, with nothing counted; the sum over
+    # processes still runs, so every process takes part in it.
+    names = sorted(sums) if sums else sorted(getattr(measure, "names", ("loss",)))
+    packed = torch.tensor([[float(sums.get(n, 0.0)), float(counts.get(n, 0))] for n in names], dtype=torch.float64)
     packed = all_reduce_tensor_sum(packed)
     return {name: (s / c if c > 0 else math.nan) for name, (s, c) in zip(names, packed.tolist())}
-
-
-def _measure_names(measure: BatchMeasure, loader: DataLoader, model: nn.Module, device: Device) -> list[str]:
-    """The metric names a measure reports, for an empty loader (still takes part in the all-reduce)."""
-    names = getattr(measure, "names", None) or ["loss"]
-    all_reduce_tensor_sum(torch.zeros(len(names), 2, dtype=torch.float64))  # keep processes in step
-    return list(names)
 
 
 def calc_loss_loader(
