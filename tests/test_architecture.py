@@ -22,7 +22,7 @@ ORDER = [
     # chapters 3-4: attention and the model
     "kv_cache", "attention", "gpt",
     # chapter 5 and appendix D: generating, saving, training, plotting, pretrained weights
-    "generate", "checkpoint", "train", "plots", "pretrained",
+    "generate", "checkpoint", "train", "plots", "pretrained", "substitute",
     # chapters 6-7 and appendix E: what is built on a trained GPT
     "spam", "classify", "instruct", "lora",
     "demo",
