@@ -131,6 +131,16 @@ def _on_config_inited(app, config) -> None:
     # pydata-sphinx-theme reads the colour mode from the page; without a default it logs
     # "Got invalid theme mode" on every page
     config.html_context = {**config.html_context, "default_mode": "light"}
+    # pydata-sphinx-theme 0.17 puts a search box in a header bar that sphinx-book-theme's
+    # sidebar already has: keep the sidebar's, drop the header's (and the empty header)
+    config.html_theme_options = {**config.html_theme_options, "navbar_persistent": []}
+    config.html_css_files = [*config.html_css_files, "site.css"]
+    # sphinx-thebe writes a kernel configuration into every page even with thebe off; without a
+    # repository it names an example repository of Binder's. Point it at ours (_config.yml).
+    repository = config.html_theme_options.get("repository_url")
+    if repository and "thebe_config" in config:
+        config.thebe_config = {**(config.thebe_config or {}), "repository_url": repository,
+                               "repository_branch": config.html_theme_options.get("repository_branch", "main")}
     if not config.html_favicon:  # without one, browsers ask the server for /favicon.ico (a 404)
         config.html_favicon = str(OWN_STATIC / "favicon.svg")
     config.mathjax_path = "mathjax/tex-chtml.js"  # relative paths are read from _static/
@@ -158,7 +168,61 @@ def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> No
     scripts[:] = kept
 
 
+def assignment_rows(root: Path = REPO_ROOT) -> list[dict[str, object]]:
+    """One row per released assignment: its notebook, the chapter page, and its points (from nbgrader's metadata)."""
+    import json
+
+    rows = []
+    for notebook in sorted((root / "exercises").glob("*/*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        points = sum(c.get("metadata", {}).get("nbgrader", {}).get("points", 0) or 0 for c in cells)
+        tests = sum(1 for c in cells if c.get("metadata", {}).get("nbgrader", {}).get("grade") and c["cell_type"] == "code"
+                    and not c["metadata"]["nbgrader"].get("solution"))
+        chapter = root / "book" / notebook.name
+        rows.append({"assignment": notebook.parent.name, "path": notebook.relative_to(root).as_posix(),
+                     "chapter": f"book/{notebook.stem}" if chapter.exists() else None,
+                     "points": points, "tests": tests})
+    return rows
+
+
+def _assignment_table_directive():
+    from docutils.parsers.rst import Directive
+    from docutils.statemachine import StringList
+
+    class AssignmentTable(Directive):
+        """``{assignment-table}``: every assignment of exercises/, with links built from the repository URL."""
+
+        def run(self):
+            config = self.state.document.settings.env.config
+            repository = config.html_theme_options.get("repository_url", "").rstrip("/")
+            branch = config.html_theme_options.get("repository_branch", "main")
+            lines = [".. list-table::", "   :header-rows: 1", "", "   * - assignment", "     - chapter",
+                     "     - graded tests", "     - points", "     - open the notebook"]
+            for row in assignment_rows():
+                chapter = f":doc:`/{row['chapter']}`" if row["chapter"] else "(none)"
+                opens = f"``{row['path']}``"
+                if repository.startswith("https://github.com/"):
+                    slug = repository.removeprefix("https://github.com/")
+                    opens = (f"`GitHub <{repository}/blob/{branch}/{row['path']}>`__ · "
+                             f"`Colab <https://colab.research.google.com/github/{slug}/blob/{branch}/{row['path']}>`__ · "
+                             f"``{row['path']}``")
+                lines += [f"   * - ``{row['assignment']}``", f"     - {chapter}", f"     - {row['tests']}",
+                          f"     - {row['points']}", f"     - {opens}"]
+            container = nodes_container()
+            self.state.nested_parse(StringList(lines), self.content_offset, container)
+            return container.children
+
+    return AssignmentTable
+
+
+def nodes_container():
+    from docutils import nodes
+
+    return nodes.container()
+
+
 def setup(app):
+    app.add_directive("assignment-table", _assignment_table_directive())
     app.connect("config-inited", _on_config_inited, priority=100)
     # early: `html-page-context` stops at the first handler that returns a template name
     app.connect("html-page-context", _drop_duplicate_scripts, priority=200)
