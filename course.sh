@@ -53,18 +53,18 @@ stamp_file() {
   prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
   printf '%s/%s' "$STAMP_DIR" "$(printf '%s' "$prefix" | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')"
 }
-installed_ok() {  # the stamp matches and the packages really import
+installed_ok() {  # the stamp matches and the key packages are still there (found, not imported: fast)
   local stamp
   stamp=$(stamp_file)
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(install_hash)" ] \
-    && "$PYTHON" -c 'import torch, tiktoken, course_utils' 2>/dev/null
+    && "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "tiktoken", "nbgrader", "course_utils")))' 2>/dev/null
 }
 
 # torch: keep one that is installed (a CUDA build you chose stays); otherwise the CPU build
 # on Linux without an NVIDIA GPU (about 200 MB instead of about 2.7 GB of CUDA wheels),
 # PyPI's default build elsewhere or with --gpu.
 torch_plan() {  # prints: keep | cpu | default
-  if "$PYTHON" -c 'import torch' 2>/dev/null; then echo keep; return; fi
+  if "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then echo keep; return; fi
   case "${COURSE_TORCH:-auto}" in
     cuda|gpu) echo default; return ;;
     cpu) echo cpu; return ;;
