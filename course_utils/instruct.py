@@ -5,18 +5,28 @@ instruction, an optional input, then the response the model should learn to writ
 Batches are padded with ``<|endoftext|>``; the targets are the inputs shifted by one,
 and padding positions in the targets are set to -100 so the loss skips them. The
 first end-of-text after each response stays a target: it teaches the model to stop.
+
+After training, :func:`generate_responses` answers each test entry greedily (stopping
+at ``<|endoftext|>``), and :func:`save_responses` keeps the answers as JSON, for the
+scores of :mod:`course_utils.response_scores` and :mod:`course_utils.judge`.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, build_loader
+from .generate import generate
+from .gpt import context_length_of
 from .tokenizers import GPT2_EOT_ID, gpt2_tokenizer
 
 PREAMBLE = (
@@ -134,3 +144,71 @@ def create_instruction_dataloader(
     return build_loader(
         dataset, batch_size, shuffle, drop_last, num_workers=num_workers, collate_fn=collate, seed=seed
     )
+
+
+# --- the fine-tuned model's answers (chapter 7, sections on responses and scoring) ---------
+
+RESPONSES_FILE = "instruction-responses.json"  # where the notebook saves the test set's answers
+
+
+def response_prompt(entry: dict[str, str]) -> str:
+    """What the model is given to answer ``entry``: the prompt and the response header.
+
+    It is exactly the start of :func:`format_example`'s training text, so the model
+    continues where, during training, the expected output began.
+    """
+    return format_input(entry) + RESPONSE_HEADER
+
+
+@torch.no_grad()
+def generate_response(
+    model: torch.nn.Module,
+    entry: dict[str, str],
+    tokenizer: tiktoken.Encoding | None = None,
+    device: str | torch.device = "cpu",
+    max_new_tokens: int = 64,
+) -> str:
+    """The model's greedy answer to one entry: new tokens only, up to ``<|endoftext|>``.
+
+    The prompt is cut to its last tokens if it would not leave room for
+    ``max_new_tokens`` in the model's context. Leading and trailing whitespace is
+    stripped from the decoded answer.
+    """
+    tokenizer = tokenizer or gpt2_tokenizer()
+    prompt_ids = tokenizer.encode(response_prompt(entry))
+    context = context_length_of(model) or len(prompt_ids) + max_new_tokens
+    keep = max(1, context - max_new_tokens)
+    idx = torch.tensor([prompt_ids[-keep:]], dtype=torch.long, device=device)  # (1, T)
+    out = generate(model, idx, max_new_tokens=max_new_tokens, context_size=context, temperature=0.0, eos_id=GPT2_EOT_ID)
+    new_ids = [i for i in out[0, idx.shape[1]:].tolist() if i != GPT2_EOT_ID]
+    return tokenizer.decode(new_ids).strip()
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    entries: Sequence[dict[str, str]],
+    tokenizer: tiktoken.Encoding | None = None,
+    device: str | torch.device = "cpu",
+    max_new_tokens: int = 64,
+    response_key: str = "model_response",
+    show_progress: bool = True,
+) -> list[dict[str, str]]:
+    """Copies of ``entries``, each with the model's answer under ``response_key``."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    answered = []
+    for entry in tqdm(entries, desc="responses", unit="entry", disable=not show_progress):
+        answer = generate_response(model, entry, tokenizer, device, max_new_tokens)
+        answered.append({**entry, response_key: answer})
+    return answered
+
+
+def save_responses(entries: Sequence[dict], path: str | os.PathLike = RESPONSES_FILE) -> Path:
+    """Write the entries (with their responses) as readable JSON; returns the path."""
+    path = Path(path)
+    path.write_text(json.dumps(list(entries), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_responses(path: str | os.PathLike = RESPONSES_FILE) -> list[dict]:
+    """Read back what :func:`save_responses` wrote."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -24,7 +24,7 @@ ORDER = [
     # chapter 5 and appendix D: generating, saving, training, plotting, pretrained weights
     "generate", "checkpoint", "train", "plots", "pretrained", "substitute",
     # chapters 6-7 and appendix E: what is built on a trained GPT
-    "spam", "classify", "instruct", "lora",
+    "spam", "classify", "instruct", "response_scores", "judge", "chat", "lora",
     "demo",
     # instructor-facing: the grading package, core first
     "grading.core", "grading.weights", "grading.factories", "grading.modules",
