@@ -16,11 +16,14 @@ GPT-2's.
 """
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -34,6 +37,7 @@ from .settings import pick
 from .tokenizers import gpt2_tokenizer
 from .train import fit, calc_loss_batch, count_tokens, make_optimizer
 
+CACHE_ENV = "COURSE_CACHE_DIR"  # where the trained stand-in is kept between runs
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's own variable for a mirror of the Hub
 DEFAULT_HUB = "https://huggingface.co"
 PROBE_TIMEOUT_S = 3.0
@@ -113,11 +117,52 @@ def _cached_weights(name: str) -> bool:
 _SUBSTITUTES: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
 
 
+def cache_dir() -> Path:
+    """``$COURSE_CACHE_DIR``, else ``~/.cache/llms-from-scratch``: the stand-in is trained once per machine."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llms-from-scratch")
+
+
+def _cache_file(key: tuple) -> Path:
+    digest = hashlib.sha256(repr((key, torch.__version__)).encode()).hexdigest()[:16]
+    return cache_dir() / f"stand-in-{digest}.safetensors"
+
+
+def _read_cached(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+    """The cached weights and figures, or None when absent or unreadable (a broken file is removed)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            figures = {k: float(v) for k, v in json.loads(f.metadata()["figures"]).items()}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        return state, figures
+    except Exception:  # truncated or foreign file: train again rather than load it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_cached(path: Path, state: dict[str, torch.Tensor], figures: dict[str, float]) -> None:
+    """Write atomically (a temporary file renamed into place), so a crash leaves no half file."""
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        unique = {name: t.contiguous().clone() for name, t in state.items()}  # tied weights: separate copies
+        save_file(unique, str(tmp), metadata={"figures": json.dumps(figures)})
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the stand-in is simply trained again next time
+        pass
+
+
 def train_substitute(
     cfg: GPTConfig | None = None,
     num_epochs: int | None = None,
     seed: int = 123,
     device: torch.device | str = "cpu",
+    use_cache: bool = True,
 ) -> tuple[GPTModel, dict[str, float]]:
     """Pretrain the stand-in on The Verdict (deterministic) and return it in eval mode.
 
@@ -129,6 +174,9 @@ def train_substitute(
     cfg = cfg or substitute_config()
     num_epochs = num_epochs if num_epochs is not None else pick(10, 2)
     key = (repr(cfg), num_epochs, seed, str(device))
+    cached = _read_cached(_cache_file(key)) if use_cache and key not in _SUBSTITUTES else None
+    if cached is not None:
+        _SUBSTITUTES[key] = cached
     if key not in _SUBSTITUTES:
         seed_everything(seed)
         model = GPTModel(cfg)
@@ -153,9 +201,11 @@ def train_substitute(
             "seconds": time.perf_counter() - start,
         }
         _SUBSTITUTES[key] = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, figures)
+        if use_cache:
+            _write_cached(_cache_file(key), *_SUBSTITUTES[key])
     state, figures = _SUBSTITUTES[key]
     model = GPTModel(cfg)
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # tied weights: the head and the embedding share one tensor again
     return model.to(device).eval(), dict(figures)
 
 
@@ -198,4 +248,4 @@ def pretrained_or_substitute(name: str = "gpt2", device: torch.device | str | No
     return PretrainedChoice(model, False, label, notice, figures)
 
 
-__all__ = ["PretrainedChoice", "hub_reachable", "pretrained_or_substitute", "substitute_config", "train_substitute"]
+__all__ = ["PretrainedChoice", "cache_dir", "hub_reachable", "pretrained_or_substitute", "substitute_config", "train_substitute"]

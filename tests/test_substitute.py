@@ -25,6 +25,7 @@ def quick_and_isolated(monkeypatch, tmp_path):
     """Quick mode (tiny stand-in), an empty Hub cache, and a fresh memo per test."""
     monkeypatch.setenv(SMOKE_ENV_VAR, "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv(substitute.CACHE_ENV, str(tmp_path / "course-cache"))
     monkeypatch.setattr(substitute, "_SUBSTITUTES", {})
     monkeypatch.setattr(substitute, "_cached_weights", lambda name: False)
 
@@ -116,10 +117,10 @@ def test_a_failed_download_falls_back(monkeypatch):
 
 
 def test_stand_in_learns_and_is_reproducible():
-    model, figures = substitute.train_substitute(device="cpu")
+    model, figures = substitute.train_substitute(device="cpu", use_cache=False)
     assert figures["train_loss"] < 10.0  # a uniform guess over 50,257 tokens scores ln(50257) = 10.8
-    substitute._SUBSTITUTES.clear()  # train again from scratch, not from the memo
-    again, _ = substitute.train_substitute(device="cpu")
+    substitute._SUBSTITUTES.clear()  # train again from scratch, not from the memo or the disk
+    again, _ = substitute.train_substitute(device="cpu", use_cache=False)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -138,3 +139,27 @@ def test_show_prints_the_notice_outside_a_notebook(monkeypatch, capsys):
     choice.show()
     out = capsys.readouterr().out
     assert out.startswith("NOTICE: not GPT-2.") and choice.notice in out
+
+
+def test_the_stand_in_is_trained_once_per_machine(monkeypatch):
+    first, figures = substitute.train_substitute(device="cpu")
+    files = list(substitute.cache_dir().glob("stand-in-*.safetensors"))
+    assert len(files) == 1
+    substitute._SUBSTITUTES.clear()  # a new process: only the disk remembers
+    monkeypatch.setattr(substitute, "fit", lambda *a, **k: pytest.fail("trained again despite the cache"))
+    second, cached_figures = substitute.train_substitute(device="cpu")
+    assert cached_figures == pytest.approx(figures)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert second.out_head.weight is second.tok_emb.weight  # still tied after loading
+
+
+def test_a_broken_cache_file_is_replaced_not_loaded():
+    substitute.train_substitute(device="cpu")
+    (path,) = substitute.cache_dir().glob("stand-in-*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    substitute._SUBSTITUTES.clear()
+    model, figures = substitute.train_substitute(device="cpu")
+    assert figures["steps"] > 0 and path.stat().st_size > 1000  # trained again and written anew
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
