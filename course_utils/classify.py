@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .device import eval_mode
-from .distributed import unwrap_model
+from .distributed import all_reduce_tensor_sum, unwrap_model
 from .gpt import context_length_of
 from .history import History
 from .spam import LABELS
@@ -95,6 +95,43 @@ def calc_accuracy_loader(
     summed over all processes when distributed.
     """
     return evaluate(model, loader, device, num_batches, classification_measure)["acc"]
+
+
+def confusion_matrix(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    num_classes: int = 2,
+    num_batches: int | None = None,
+) -> torch.Tensor:
+    """Counts of (true class, predicted class) pairs: a ``(num_classes, num_classes)`` int64 tensor.
+
+    Row ``i`` holds the examples whose label is ``i``, column ``j`` those predicted as
+    ``j`` (the last position's argmax, as in :func:`calc_accuracy_loader`), so the
+    diagonal counts the correct answers and ``matrix.sum()`` the examples seen. Uses
+    the first ``num_batches`` batches (all by default), in eval mode without gradients,
+    and restores the model's mode; counts are summed over all processes when distributed.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+    limit = len(loader) if num_batches is None else min(num_batches, len(loader))
+    plain = unwrap_model(model)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    with eval_mode(plain), torch.no_grad():
+        for i, (input_batch, target_batch) in enumerate(loader):
+            if i >= limit:
+                break
+            logits = plain(input_batch.to(device))[:, -1, :]  # (B, classes)
+            if logits.shape[-1] != num_classes:
+                raise ValueError(f"The model gives {logits.shape[-1]} class logits, but num_classes={num_classes}.")
+            predicted = logits.argmax(dim=-1).cpu()
+            labels = target_batch.cpu().long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"Labels must lie in 0..{num_classes - 1}; got {labels.min().item()}..{labels.max().item()}.")
+            # pair (label, prediction) -> one index label * num_classes + prediction, then count them
+            counts += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+    total = all_reduce_tensor_sum(counts)  # float64 copy, summed over processes
+    return total.round().to(torch.int64).reshape(num_classes, num_classes)
 
 
 def train_classifier(
