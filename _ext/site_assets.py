@@ -13,18 +13,19 @@ the copies:
   (Google Fonts' Roboto Mono) removed, so nothing is fetched from a font CDN; the
   widgets fall back to the page's monospace font.
 
-The packages come from the npm registry (``npm pack``) on the first build and are kept,
-checked against the sha512 pinned below, in ``.cache/site-assets/``. A machine without
-npm can place the same ``.tgz`` files there by hand.
+The packages are downloaded from the npm registry on the first build (plain HTTPS: npm
+itself is not needed) and kept, checked against the sha512 pinned below, in
+``.cache/site-assets/``. An offline machine can place the same ``.tgz`` files there.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import shutil
-import subprocess
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,21 +71,38 @@ def integrity_of(path: Path) -> str:
     return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
 
 
+def tarball_url(asset: NpmAsset) -> str:
+    """Where the npm registry keeps a package's tarball (COURSE_NPM_REGISTRY for a mirror)."""
+    registry = os.environ.get("COURSE_NPM_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    basename = asset.name.split("/")[-1]
+    return f"{registry}/{asset.name}/-/{basename}-{asset.version}.tgz"
+
+
 def fetch(asset: NpmAsset) -> Path:
-    """The package's tarball, from the cache or `npm pack`, checked against the pinned hash."""
+    """The package's tarball, from the cache or the npm registry (no npm needed), checked against the pinned hash."""
     CACHE.mkdir(parents=True, exist_ok=True)
     if not asset.tarball.exists():
-        npm = shutil.which("npm")
-        if npm is None:
+        url = tarball_url(asset)
+        partial = asset.tarball.with_suffix(".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
             raise SiteAssetError(
-                f"The site serves {asset.name} {asset.version} itself and fetches it from the npm registry, "
-                f"but npm is not installed. Install Node.js with npm (Debian/Ubuntu: apt install npm), or put "
-                f"{asset.tarball.name} (from `npm pack {asset.name}@{asset.version}` on another machine) into {CACHE}."
+                f"The site serves {asset.name} {asset.version} itself and downloads it once from the npm registry, "
+                f"but {url} could not be fetched ({err}). Connect once (it is then kept in {CACHE}), set "
+                f"COURSE_NPM_REGISTRY to a mirror, or put {asset.tarball.name} (from `npm pack "
+                f"{asset.name}@{asset.version}` on another machine) into {CACHE}."
+            ) from err
+        found = integrity_of(partial)
+        if found != asset.integrity:
+            partial.unlink()
+            raise SiteAssetError(
+                f"{url} does not match its pinned hash (got {found[:24]}..., expected {asset.integrity[:24]}...); "
+                f"nothing was kept. A registry mirror serving other files? Build again to retry."
             )
-        result = subprocess.run([npm, "pack", f"{asset.name}@{asset.version}", "--pack-destination", str(CACHE), "--silent"],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0 or not asset.tarball.exists():
-            raise SiteAssetError(f"`npm pack {asset.name}@{asset.version}` failed: {result.stderr.strip()[-500:]}")
+        os.replace(partial, asset.tarball)
     found = integrity_of(asset.tarball)
     if found != asset.integrity:
         asset.tarball.unlink()
