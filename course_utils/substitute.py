@@ -176,7 +176,7 @@ def train_substitute(
     key = (repr(cfg), num_epochs, seed, str(device))
     cached = _read_cached(_cache_file(key)) if use_cache and key not in _SUBSTITUTES else None
     if cached is not None:
-        _SUBSTITUTES[key] = cached
+        _SUBSTITUTES[key] = (cached[0], {**cached[1], "from_cache": 1.0})
     if key not in _SUBSTITUTES:
         seed_everything(seed)
         model = GPTModel(cfg)
@@ -199,6 +199,7 @@ def train_substitute(
             "steps": float(history.steps_done),
             "train_loss": float(history.metrics["train_loss"][-1]),
             "seconds": time.perf_counter() - start,
+            "from_cache": 0.0,
         }
         _SUBSTITUTES[key] = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, figures)
         if use_cache:
@@ -240,8 +241,9 @@ def pretrained_or_substitute(name: str = "gpt2", device: torch.device | str | No
     label = f"stand-in GPT ({millions:.0f}M parameters, {cfg.n_layers} blocks of width {cfg.emb_dim}), pretrained on The Verdict"
     notice = (
         f"OpenAI's GPT-2 {size} weights could not be loaded ({reason}), so this notebook continues with a "
-        f"{label}: {figures['steps']:.0f} training steps in {figures['seconds']:.0f} s, final training loss "
-        f"{figures['train_loss']:.2f}. It has GPT-2's tokenizer and layout but has read one short story, so "
+        f"{label}: {figures['steps']:.0f} training steps, final training loss {figures['train_loss']:.2f} "
+        f"({'trained once on this machine in' if figures.get('from_cache') else 'trained just now, in'} "
+        f"{figures['seconds']:.0f} s{' and loaded from the cache' if figures.get('from_cache') else ''}). It has GPT-2's tokenizer and layout but has read one short story, so "
         f"every result below is far below what GPT-2 gives. Run the notebook with internet access to get "
         f"GPT-2's results; nothing in it needs to change."
     )

@@ -148,6 +148,7 @@ def test_the_stand_in_is_trained_once_per_machine(monkeypatch):
     substitute._SUBSTITUTES.clear()  # a new process: only the disk remembers
     monkeypatch.setattr(substitute, "fit", lambda *a, **k: pytest.fail("trained again despite the cache"))
     second, cached_figures = substitute.train_substitute(device="cpu")
+    assert cached_figures.pop("from_cache") == 1.0 and figures.pop("from_cache") == 0.0
     assert cached_figures == pytest.approx(figures)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
