@@ -7,9 +7,15 @@ A test cell imports its assignment's module and calls a check with the student's
 
 Each ``check_*`` function builds the student's component and the reference component
 from this package with the same arguments, on seeded inputs; compares what they
-compute within a stated tolerance; and raises an ``AssertionError`` a student can act
-on: which input, which shape or value, expected against got, the likely cause when the
-output matches a known mistake, and a hint. Messages never contain the answer's code.
+compute within a stated tolerance (following the dtype the student computed in); and
+raises a ``CheckFailed`` (an ``AssertionError`` that Jupyter and nbgrader's feedback show
+as its message alone) a student can act on: which input, which shape or value, expected
+against got, the likely cause when the output matches a known mistake, and a hint in
+words. Messages never contain the answer's code.
+
+A check of a component built from earlier pieces (a block from LayerNorms, a loss over a
+loader from the batch loss, ...) grades it on the reference pieces, so that each mistake
+costs its own points once; see "Grading principles" in ``solutions/README.md``.
 
 The rooms (importing this package imports none of them):
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..toy_data import make_moons
 from ..train import train_step as _ref_train_step
 from .core import (
+    CheckFailed,
     Tolerance,
     _as_number,
     _call,
@@ -64,7 +65,8 @@ def check_pairwise_sq_distances(
                 ((x.unsqueeze(-2) - y.unsqueeze(-3)).abs().sum(dim=-1), "this is the L1 (Manhattan) distance; square the differences.")]
 
     check_function(fn, reference, [(case, (a, b))], name="pairwise_sq_distances", diagnoses=diagnoses,
-                   hint="a[..., :, None, :] - b[..., None, :, :] broadcasts to (..., N, M, d): square and sum over the last dimension.")
+                   hint="give a a new axis before its rows' coordinates and b one before its rows, so that their difference "
+                        "broadcasts to (..., N, M, d); square it and sum over the last dimension.")
 
 
 def _ref_loss_and_grads(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -110,8 +112,8 @@ def check_loss_and_grads(
         ]
 
     check_function(fn, _ref_loss_and_grads, [(case, (x, y, w, b))], name="loss_and_grads", diagnoses=diagnoses,
-                   hint="w = w.clone().requires_grad_(); b = b.clone().requires_grad_(); loss = "
-                        "F.binary_cross_entropy(torch.sigmoid(x @ w + b), y); loss.backward(); return loss.detach(), w.grad, b.grad.")
+                   hint="make copies of w and b that require gradients, compute the mean binary cross-entropy of "
+                        "the logistic model's predictions, call backward(), and return the loss with both gradients.")
 
 
 # --- a multilayer perceptron ----------------------------------------------------------
@@ -162,7 +164,7 @@ def check_mlp(
     check_module_against_reference(
         student, reference, [(case, (x,))], name="MLP", perturb_seed=seed, diagnoses=_mlp_variants,
         transfer_hint="create nn.Linear(n_inputs, n_hidden), nn.Linear(n_hidden, n_hidden) and nn.Linear(n_hidden, n_classes), in that order.",
-        hint="self.layers = nn.Sequential(Linear(n_inputs, n_hidden), ReLU(), Linear(n_hidden, n_hidden), ReLU(), Linear(n_hidden, n_classes)).",
+        hint="three Linear layers with a ReLU after each of the first two, in one nn.Sequential named `layers`.",
     )
 
 
@@ -237,12 +239,12 @@ def check_train_epochs(
     got = run(fn, student=True)
     if not isinstance(got, (list, tuple)) or len(got) != num_epochs:
         what = f"{type(got).__name__}" + (f" of length {len(got)}" if isinstance(got, (list, tuple)) else "")
-        raise AssertionError(_message(f"train_epochs: expected a list of {num_epochs} losses (one per epoch), got {what}.",
+        raise CheckFailed(_message(f"train_epochs: expected a list of {num_epochs} losses (one per epoch), got {what}.",
                                       case=case, hint="append the epoch's mean loss once per epoch and return the list."))
     got_t = torch.tensor([_as_number(v, name="train_epochs entries", case=case) for v in got], dtype=torch.float64)
     again = torch.tensor([_as_number(v, name="train_epochs entries", case=case) for v in run(fn, student=True)], dtype=torch.float64)
     if not torch.equal(got_t, again):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "train_epochs: two runs with the same seeds gave different losses.", case=case,
             lines=[f"first run  {_fmt_values(got_t, num_epochs)}", f"second run {_fmt_values(again, num_epochs)}"],
             hint="use only the model, loader and optimizer you are given (no new random state, no state kept between calls)."))
@@ -250,12 +252,12 @@ def check_train_epochs(
                        tol=Tolerance(1e-4, 1e-4),
                        diagnoses=lambda: [(torch.tensor(run(_ref_train_epochs, m), dtype=torch.float64), why)
                                           for m, why in _EPOCH_MISTAKES.items()],
-                       hint="for each batch: loss = F.cross_entropy(model(features), labels); optimizer.zero_grad(); "
-                            "loss.backward(); optimizer.step(); keep loss.item(). Append the mean of the epoch's values.")
+                       hint="for each batch: the cross-entropy of the model's logits against the labels, clear the "
+                            "gradients, backward, optimizer step, and keep the loss as a number; per epoch, the mean of them.")
     if not got_t[-1] < got_t[0]:
-        raise AssertionError(_message("train_epochs: the loss did not go down.", case=case,
+        raise CheckFailed(_message("train_epochs: the loss did not go down.", case=case,
                                       lines=[f"losses {_fmt_values(got_t, num_epochs)}"]))
     if threshold is not None and not float(got_t[-1]) < threshold:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"train_epochs: the last epoch's loss {_fmt_num(float(got_t[-1]))} is not below {threshold}.", case=case,
             lines=[f"losses {_fmt_values(got_t, num_epochs)}"]))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..train import lr_at_step as _ref_lr_at_step
-from .core import Tolerance, _as_number, _call, _check_number, _close, _fmt_num, _message, check_tensor_close, default_tolerance, seeded_randn
+from .core import (CheckFailed, Tolerance, _as_number, _call, _check_number, _close, _computed_dtype, _dtype_name, _fmt_num,
+                   _message, check_tensor_close, default_tolerance, number_tolerance, seeded_randn)
 
 __all__ = ["check_lr_schedule", "check_clip_grad_norm"]
 
@@ -79,21 +80,26 @@ def check_lr_schedule(
     case = (f"total_steps={total_steps}, peak_lr={peak_lr}, warmup_steps={warmup_steps}, initial_lr={initial_lr}, "
             f"min_lr={min_lr}, steps 0..{total_steps - 1 + extra_steps}")
     steps = list(range(total_steps + extra_steps))
-    hint = ("step < warmup_steps: initial_lr + (peak_lr - initial_lr) * step / warmup_steps; otherwise progress = "
-            "min(1, (step - warmup_steps) / (total_steps - 1 - warmup_steps)) and min_lr + (peak_lr - min_lr) * 0.5 * "
-            "(1 + math.cos(math.pi * progress)); peak_lr when total_steps - 1 - warmup_steps <= 0.")
+    hint = ("during the warm-up the rate moves in a straight line from initial_lr (step 0) towards peak_lr (reached at "
+            "step warmup_steps); after it, the progress through the remaining steps (0 right after the warm-up, 1 at the "
+            "last step, never more) sets half a cosine from peak_lr down to min_lr; with no step left to decay, peak_lr.")
     expected = [_ref_lr_at_step(s, total_steps, peak_lr, warmup_steps, initial_lr, min_lr) for s in steps]
-    got = []
+    got, raw = [], []
     for s in steps:
         value = _call(fn, s, total_steps=total_steps, peak_lr=peak_lr, warmup_steps=warmup_steps, initial_lr=initial_lr,
                       min_lr=min_lr, what="lr_at_step", case=f"step={s}, {case}", hint=hint)
         got.append(_as_number(value, name="lr_at_step", case=f"step={s}, {case}"))
-    tol = Tolerance(1e-12, 1e-7)
+        raw.append(value)
+    # compared in the precision the student computed in: a float32 formula is right to about 1e-7
+    dtype = _computed_dtype(raw)
+    base = number_tolerance(dtype)
+    tol = Tolerance(10 * torch.finfo(dtype).eps * max(peak_lr, initial_lr, min_lr), base.rtol)
     bad = [s for s in steps if not _close(got[s], expected[s], tol)]
     if not bad:
         return
     shown = sorted({0, max(warmup_steps - 1, 0), warmup_steps, total_steps - 1, bad[0], steps[-1]} & set(steps))
-    lines = [f"first wrong step: {bad[0]} ({len(bad)} of {len(steps)} steps differ)"]
+    lines = [f"first wrong step: {bad[0]} ({len(bad)} of {len(steps)} steps differ; compared as {_dtype_name(dtype)}, "
+             f"tolerance {tol})"]
     lines += [f"step {s:3d}: expected {_fmt_num(expected[s])}, got {_fmt_num(got[s])}" for s in shown]
     cause = None
     for variant, why in _schedule_variants(total_steps, peak_lr, warmup_steps, initial_lr, min_lr):
@@ -104,7 +110,7 @@ def check_lr_schedule(
         if values != expected and all(_close(g, v, tol) for g, v in zip(got, values)):
             cause = why
             break
-    raise AssertionError(_message("lr_at_step: wrong learning rates.", case=case, lines=lines, cause=cause, hint=hint))
+    raise CheckFailed(_message("lr_at_step: wrong learning rates.", case=case, lines=lines, cause=cause, hint=hint))
 
 
 # --- gradient clipping ----------------------------------------------------------------
@@ -148,8 +154,9 @@ def check_clip_grad_norm(
     case = (f"{len(student)} parameters of shapes {[tuple(p.shape) for p in student]}"
             f"{' (one without a gradient)' if missing_grad else ''}, total gradient norm {_fmt_num(expected_norm)}, "
             f"max_norm={max_norm}{', given as a generator' if as_generator else ''}, {dtype}")
-    hint = ("params = [p for p in parameters if p.grad is not None]; total = torch.sqrt(sum((p.grad ** 2).sum() for p in "
-            "params)); if total > max_norm: multiply every p.grad by max_norm / (total + 1e-6) (p.grad.mul_(...)); return total.")
+    hint = ("skip parameters without a gradient; the total norm is the square root of the sum of the squares of every "
+            "gradient element; when it exceeds max_norm, scale every gradient in place by one common factor, "
+            "max_norm / (total norm + 1e-6); return the norm measured before clipping.")
     arg = (p for p in student) if as_generator else list(student)
     got_norm = _call(fn, arg, max_norm, what="clip_grad_norm", case=case,
                      hint=hint if not missing_grad else "skip parameters whose .grad is None.")
@@ -181,7 +188,7 @@ def check_clip_grad_norm(
     for i, (s_p, r_p) in enumerate(zip(student, reference)):
         if r_p.grad is None:
             if s_p.grad is not None:
-                raise AssertionError(_message(f"clip_grad_norm: parameter {i} had no gradient but has one now.", case=case,
+                raise CheckFailed(_message(f"clip_grad_norm: parameter {i} had no gradient but has one now.", case=case,
                                               hint="leave parameters whose .grad is None alone."))
             continue
         index = [j for j, p in enumerate(reference) if p.grad is not None].index(i)

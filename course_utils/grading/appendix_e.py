@@ -18,7 +18,7 @@ from ..gpt import GPTConfig
 from ..lora import LinearWithLoRA as _RefLinearWithLoRA
 from ..lora import LoRALayer as _RefLoRALayer
 from ..lora import replace_linear_with_lora as _ref_replace_linear_with_lora
-from .core import Tolerance, _call, _fmt_shape, _fmt_values, _message, _one_thread, _seeded, _seeded_ints, _short_list, check_tensor_close, seeded_randn
+from .core import CheckFailed, Tolerance, _call, _grades_on, _is_own_class, _fmt_shape, _fmt_values, _message, _one_thread, _seeded, _seeded_ints, _short_list, check_tensor_close, seeded_randn
 from .factories import _tiny_gpt, grading_config
 from .modules import _build
 
@@ -36,12 +36,12 @@ def _lora_matrices(module: nn.Module, in_dim: int, out_dim: int, rank: int, *, n
         if isinstance(value, nn.Linear):
             value = value.weight.T
         if not isinstance(value, torch.Tensor):
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 f"{name}: no matrix `{attr}` found.", case=case,
                 hint=f"create self.A = nn.Parameter(...) of shape (in_dim, rank) = {_fmt_shape((in_dim, rank))} and "
                      f"self.B = nn.Parameter(...) of shape (rank, out_dim) = {_fmt_shape((rank, out_dim))}."))
         if tuple(value.shape) != shape:
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 f"{name}: {attr} has shape {_fmt_shape(value.shape)}; expected {_fmt_shape(shape)}.", case=case,
                 hint="A is (in_dim, rank) and B is (rank, out_dim), so that x @ A @ B maps in_dim to out_dim."))
         found.append(value)
@@ -61,24 +61,44 @@ def _set_lora(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
 
 def _check_fresh_lora(student: nn.Module, A: torch.Tensor, B: torch.Tensor, *, name: str, case: str) -> None:
     if not bool((B == 0).all()):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: B does not start at zero.", case=case, lines=[f"B = {_fmt_values(B)}"],
             cause="with a random B the update x @ A @ B is not zero at the start, so the adapted model no longer "
                   "computes what the pretrained model computed.",
-            hint="self.B = nn.Parameter(torch.zeros(rank, out_dim))."))
+            hint="create B filled with zeros, of shape (rank, out_dim)."))
     A, B = A.detach(), B.detach()
     if bool((A == 0).all()) or float(A.std()) == 0.0:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: A does not start random.", case=case, lines=[f"A = {_fmt_values(A)}"],
             cause="if A and B both start constant (e.g. zero), their gradients stay zero or equal and LoRA learns nothing.",
-            hint="self.A = nn.Parameter(torch.empty(in_dim, rank)); nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))."))
+            hint="give A random values (for example with one of torch.nn.init's functions) when you create it."))
     trainable = {id(p) for p in student.parameters() if p.requires_grad}
     for attr in ("A", "B"):
         value = getattr(student, attr)
         params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
         if not all(isinstance(p, nn.Parameter) and id(p) in trainable for p in params):
-            raise AssertionError(_message(f"{name}: {attr} is not a trainable parameter.", case=case,
+            raise CheckFailed(_message(f"{name}: {attr} is not a trainable parameter.", case=case,
                                           hint="wrap it in nn.Parameter(...) so that the optimizer trains it."))
+
+
+def _check_lora_arguments(lora: nn.Module, in_dim: int, out_dim: int, rank: int, alpha: float, *, case: str) -> None:
+    """A wrapper's own LoRA layer must be built with (in_features, out_features, rank, alpha): compared with
+    the same class built that way, with the same A and B (so that only the wrapper's arguments are judged)."""
+    try:
+        twin = type(lora)(in_dim, out_dim, rank, alpha)
+        A, B = seeded_randn(in_dim, rank, seed=41), seeded_randn(rank, out_dim, seed=42)
+        _set_lora(lora, A, B)
+        _set_lora(twin, A, B)
+        x = seeded_randn(3, in_dim, seed=43)
+        with torch.no_grad():
+            same = torch.allclose(lora(x), twin(x))
+    except Exception:  # the LoRA layer itself is broken: that is exercise 1's to grade
+        return
+    if not same:
+        raise CheckFailed(_message(
+            "LinearWithLoRA: the LoRA layer inside computes something else than the same class built with "
+            "(linear.in_features, linear.out_features, rank, alpha).", case=case,
+            hint="pass the wrapper's rank and alpha on to the LoRA layer, in the order the exercise gives."))
 
 
 # --- the checks -----------------------------------------------------------------------
@@ -111,7 +131,7 @@ def check_lora_layer(
     with torch.no_grad():
         fresh = _call(student, x.clone(), what="LoRALayer.forward", case=case)
     check_tensor_close(fresh, torch.zeros(*batch_shape, out_dim, dtype=dtype), name="LoRALayer, freshly created", case=case,
-                       hint="with B = 0 the output x @ A @ B is zero: return scaling * (x @ self.A @ self.B).")
+                       hint="with B all zeros the update is zero, whatever A holds: scale the product of x, A and B.")
     new_A = seeded_randn(in_dim, rank, seed=seed + 2, dtype=dtype)
     new_B = seeded_randn(rank, out_dim, seed=seed + 3, dtype=dtype)
     _set_lora(student, new_A, new_B)
@@ -128,9 +148,10 @@ def check_lora_layer(
         diagnoses=[(alpha * product, "the update is multiplied by alpha; the course scales by alpha / rank."),
                    (product, "the update is not scaled: multiply x @ A @ B by alpha / rank."),
                    (rank / alpha * product, "the scaling is upside down: alpha / rank, not rank / alpha.")],
-        hint="self.scaling = alpha / rank in __init__; forward returns self.scaling * (x @ self.A @ self.B).")
+        hint="multiply the product of x, A and B by alpha / rank.")
 
 
+@_grades_on({"LoRALayer": _RefLoRALayer})  # a LoRALayer mistake is graded once, in exercise 1
 def check_linear_with_lora(
     cls: Callable,
     *,
@@ -156,24 +177,27 @@ def check_linear_with_lora(
         student = _build(cls, (linear, rank, alpha), {}, "LinearWithLoRA", case)
     kept = getattr(student, "linear", None)
     if not isinstance(kept, nn.Linear):
-        raise AssertionError(_message("LinearWithLoRA: no nn.Linear stored as self.linear.", case=case,
-                                      hint="self.linear = linear (the layer you are given)."))
+        raise CheckFailed(_message("LinearWithLoRA: no nn.Linear stored as self.linear.", case=case,
+                                      hint="keep the layer you are given as the attribute `linear`."))
     if any(not torch.equal(v, kept.state_dict()[k]) for k, v in saved.items()):
-        raise AssertionError(_message("LinearWithLoRA: self.linear's weights are not those of the layer you were given.", case=case,
-                                      hint="store the given layer itself (self.linear = linear); do not create a new nn.Linear."))
+        raise CheckFailed(_message("LinearWithLoRA: self.linear's weights are not those of the layer you were given.", case=case,
+                                      hint="store the given layer itself; do not create a new nn.Linear."))
     lora = getattr(student, "lora", None)
     if not isinstance(lora, nn.Module):
-        raise AssertionError(_message("LinearWithLoRA: no LoRA layer stored as self.lora.", case=case,
-                                      hint="self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)."))
-    A, B = _lora_matrices(lora, in_dim, out_dim, rank, name="LinearWithLoRA.lora", case=case)
-    _check_fresh_lora(lora, A, B, name="LinearWithLoRA.lora", case=case)
+        raise CheckFailed(_message("LinearWithLoRA: no LoRA layer stored as self.lora.", case=case,
+                                      hint="create a LoRA layer from the linear layer's sizes, rank and alpha, as the attribute `lora`."))
+    if _is_own_class(lora):  # a LoRA layer of another name: check its arguments, then grade on the reference
+        _check_lora_arguments(lora, in_dim, out_dim, rank, alpha, case=case)
+        with _seeded(seed + 5):
+            student.lora = lora = _RefLoRALayer(in_dim, out_dim, rank, alpha)
+    _lora_matrices(lora, in_dim, out_dim, rank, name="LinearWithLoRA.lora", case=case)
     x = seeded_randn(*batch_shape, in_dim, seed=seed + 1)
     with torch.no_grad():
         fresh = _call(student, x.clone(), what="LinearWithLoRA.forward", case=case)
         base = linear(x)
     check_tensor_close(fresh, base, name="LinearWithLoRA, freshly created", case=case,
-                       diagnoses=[(torch.zeros_like(base), "only the LoRA update is returned; add the linear layer's output: self.linear(x) + self.lora(x).")],
-                       hint="a fresh wrapper computes exactly linear(x), because the update starts at zero: return self.linear(x) + self.lora(x).")
+                       diagnoses=[(torch.zeros_like(base), "only the LoRA update is returned; add the linear layer's output.")],
+                       hint="a fresh wrapper computes exactly what the linear layer computes, because the update starts at zero: add the two outputs.")
     new_A = seeded_randn(in_dim, rank, seed=seed + 2)
     new_B = seeded_randn(rank, out_dim, seed=seed + 3)
     _set_lora(lora, new_A, new_B)
@@ -186,13 +210,14 @@ def check_linear_with_lora(
         got = _call(student, x.clone(), what="LinearWithLoRA.forward", case=case)
     update = x @ new_A @ new_B * (alpha / rank)
     check_tensor_close(got, expected, name="LinearWithLoRA", case=f"{case}, after random values were written into lora.A and lora.B",
-                       diagnoses=[(base, "the LoRA update is not added: return self.linear(x) + self.lora(x)."),
-                                  (update, "the linear layer's output is missing: return self.linear(x) + self.lora(x)."),
+                       diagnoses=[(base, "the LoRA update is not added to the linear layer's output."),
+                                  (update, "the linear layer's output is missing: add it to the LoRA update."),
                                   (base + update * rank, "the update is scaled by alpha; the course scales by alpha / rank.")],
-                       hint="return self.linear(x) + self.lora(x).")
+                       hint="the output is the linear layer's output plus the LoRA layer's output.")
 
 
 @_one_thread
+@_grades_on({"LinearWithLoRA": _RefLinearWithLoRA, "LoRALayer": _RefLoRALayer})  # graded in exercises 1-2
 def check_replace_linear_with_lora(
     fn: Callable,
     *,
@@ -217,9 +242,8 @@ def check_replace_linear_with_lora(
     linear_names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]
     model = copy.deepcopy(base)
     case = f"a GPTModel with {cfg.n_layers} blocks ({len(linear_names)} nn.Linear layers), rank={rank}, alpha={alpha}"
-    hint = ("for name, child in module.named_children(): if isinstance(child, nn.Linear): setattr(module, name, "
-            "LinearWithLoRA(child, rank, alpha)); else: recurse into child. Freeze every parameter first "
-            "(requires_grad = False); the new LoRA matrices are trainable.")
+    hint = ("freeze every parameter first; then walk the children of each module: put a LinearWithLoRA wrapping the "
+            "layer in place of each nn.Linear child (setattr), and walk into every other child (recursion).")
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         got = _call(fn, model, rank, alpha, what="replace_linear_with_lora", case=case, hint=hint)
@@ -236,14 +260,14 @@ def check_replace_linear_with_lora(
         top = [n for n in missed if "." not in n]
         cause = ("only the model's direct children were replaced: the layers inside the transformer blocks need a "
                  "recursive walk." if len(top) < len(missed) and len(missed) < len(linear_names) else None)
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"replace_linear_with_lora: {len(missed)} of {len(linear_names)} nn.Linear layers were not wrapped.", case=case,
             lines=[f"not wrapped: {_short_list(missed)}"], cause=cause, hint=hint))
     base_params = dict(base.named_parameters())
     for name, wrapper in wrappers.items():
         if not torch.equal(wrapper.linear.weight, base_params[f"{name}.weight"]):
-            raise AssertionError(_message(f"replace_linear_with_lora: {name}.linear has new weights.", case=case,
-                                          hint="wrap the existing layer (LinearWithLoRA(child, rank, alpha)); do not create a new one."))
+            raise CheckFailed(_message(f"replace_linear_with_lora: {name}.linear has new weights.", case=case,
+                                          hint="wrap the existing layer; do not create a new one."))
     lora_params = {id(p) for w in wrappers.values() for p in w.lora.parameters()}
     named = list(model.named_parameters())
     extra = [n for n, p in named if p.requires_grad and id(p) not in lora_params]
@@ -256,7 +280,7 @@ def check_replace_linear_with_lora(
             lines.append(f"LoRA weights that are frozen: {_short_list(frozen_lora)}")
         cause = ("the base weights were left trainable: set requires_grad = False on every original parameter."
                  if extra else "the LoRA matrices were frozen too: freeze before adding them, or unfreeze them afterwards.")
-        raise AssertionError(_message("replace_linear_with_lora: the wrong parameters are trainable.", case=case,
+        raise CheckFailed(_message("replace_linear_with_lora: the wrong parameters are trainable.", case=case,
                                       lines=lines, cause=cause, hint="only LoRA's A and B may train."))
     ids = _seeded_ints(cfg.vocab_size, batch_size, num_tokens, seed=seed + 2)
     model.eval()
@@ -282,4 +306,4 @@ def check_replace_linear_with_lora(
         got_logits = _call(model, ids, what="the adapted model's forward", case=case)
     check_tensor_close(got_logits, expected, name="the adapted model", case=f"{case}, random values written into every A and B",
                        tol=Tolerance(1e-4, 1e-4),
-                       hint="each wrapper returns linear(x) + (alpha / rank) * x @ A @ B.")
+                       hint="every nn.Linear (at any depth) must be wrapped, and nothing else changed.")

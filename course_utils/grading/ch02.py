@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import SlidingWindowDataset as _RefSlidingWindowDataset
 from ..tokenizers import UNK, SimpleTokenizer, build_vocab, gpt2_tokenizer, split_text
-from .core import _call, _fmt_shape, _message, _seeded_ints, check_function
+from .core import CheckFailed, _call, _fmt_shape, _message, _seeded_ints, check_function
 
 __all__ = ["check_tokenizer", "check_sliding_window_dataset", "check_embeddings"]
 
@@ -68,7 +68,7 @@ def check_tokenizer(
                 cause = "whitespace or empty strings were kept as tokens: strip the pieces and drop empty ones."
             elif any(p not in vocab for p in pieces) and unk_id not in got_list:
                 cause = f"unknown words were not replaced by {UNK} (id {unk_id})."
-            raise AssertionError(_message("encode: wrong token ids.", case=repr(text), lines=lines, cause=cause,
+            raise CheckFailed(_message("encode: wrong token ids.", case=repr(text), lines=lines, cause=cause,
                                           hint="split with the chapter's regular expression, strip each piece, "
                                                "drop empty pieces, then look each one up in the vocabulary."))
         decoded = _call(student.decode, list(expected), what="decode", case=f"the ids of {text!r}")
@@ -77,11 +77,11 @@ def check_tokenizer(
             cause = None
             if decoded.replace(" ", "") == want.replace(" ", ""):
                 cause = "the spacing differs: remove the space that joining with ' ' puts before punctuation."
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 "decode: wrong text.", case=f"the ids of {text!r}",
                 lines=[f"expected {want!r}", f"got      {decoded!r}"], cause=cause,
-                hint="join the tokens with spaces, then remove the spaces before punctuation marks "
-                     "(re.sub(r'\\s+([,.?!\"()\\'])', r'\\1', text)).",
+                hint="join the tokens with spaces, then remove the spaces before every punctuation mark that "
+                     "SPLIT_PATTERN splits off: , . : ; ? _ ! \" ( ) ' (all of them, not only the common ones).",
             ))
 
 
@@ -121,7 +121,7 @@ def check_sliding_window_dataset(
             cause = "the last window has no target for its last token: stop while start + max_length < number of tokens."
         elif n == len(range(0, len(ids) - max_length, 1)):
             cause = "windows start every token: step the start by `stride`."
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "len(dataset): wrong number of windows.", case=case,
             lines=[f"the text has {len(ids)} tokens; expected {len(reference)} windows, got {n}"], cause=cause,
             hint="windows start at 0, stride, 2*stride, ... as long as max_length inputs plus one more token "
@@ -131,12 +131,12 @@ def check_sliding_window_dataset(
         exp_in, exp_tg = reference[i]
         item = _call(student.__getitem__, i, what=f"dataset[{i}]", case=case)
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise AssertionError(_message(f"dataset[{i}]: expected an (input_ids, target_ids) pair, got {type(item).__name__}.",
+            raise CheckFailed(_message(f"dataset[{i}]: expected an (input_ids, target_ids) pair, got {type(item).__name__}.",
                                           case=case))
         got_in, got_tg = (torch.as_tensor(t) for t in item)
         for what, got, exp in (("input_ids", got_in, exp_in), ("target_ids", got_tg, exp_tg)):
             if got.dtype != torch.long:
-                raise AssertionError(_message(f"dataset[{i}] {what}: expected a tensor of dtype torch.long, got {got.dtype}.",
+                raise CheckFailed(_message(f"dataset[{i}] {what}: expected a tensor of dtype torch.long, got {got.dtype}.",
                                               case=case, hint="build it with torch.tensor(ids) (integer ids give torch.long)."))
             if tuple(got.shape) != tuple(exp.shape) or not torch.equal(got, exp):
                 cause = None
@@ -144,10 +144,11 @@ def check_sliding_window_dataset(
                     cause = "the targets are not shifted: they equal the inputs, but target j must be the token after input j (ids[start+1 : start+max_length+1])."
                 elif what == "input_ids" and i > 0 and torch.equal(got, ids[i: i + max_length]):
                     cause = "window i starts at token i: it must start at i * stride."
-                raise AssertionError(_message(
+                raise CheckFailed(_message(
                     f"dataset[{i}] {what}: wrong token ids.", case=case,
                     lines=[f"expected {exp.tolist()}", f"got      {got.tolist()}"], cause=cause,
-                    hint="item i is ids[s : s+max_length] and ids[s+1 : s+max_length+1] with s = i * stride.",
+                    hint="window i starts at token i * stride: max_length tokens as the input, and the same "
+                         "number starting one token later as the target.",
                 ))
 
 
@@ -190,5 +191,5 @@ def check_embeddings(
     with torch.no_grad():
         check_function(fn, _ref_embed, [(case, (ids, tok_emb, pos_emb))], name="your embedding function",
                        diagnoses=diagnoses,
-                       hint="look up tok_emb(token_ids) (B, T, emb) and pos_emb(torch.arange(T)) (T, emb), "
-                            "then add them (broadcasting over the batch).")
+                       hint="look up the token embeddings (B, T, emb) and the embeddings of the positions 0..T-1 "
+                            "(T, emb), then add them (broadcasting over the batch).")

@@ -18,7 +18,7 @@ from torch import nn
 from ..attention import CausalAttention as _RefCausalAttention
 from ..attention import MultiHeadAttention as _RefMultiHeadAttention
 from ..attention import SelfAttentionV2 as _RefSelfAttention
-from .core import _fmt_shape, check_function, seeded_randn
+from .core import _fmt_shape, _grades_on, check_function, seeded_randn
 from .modules import _build, check_causal, check_dropout_behaviour, check_module_against_reference
 
 __all__ = [
@@ -59,7 +59,8 @@ def check_attention_scores(
         fn, lambda a, b: a @ b.transpose(-2, -1), [(case, (q, k))], name="attention_scores",
         diagnoses=lambda a, b: [((b @ a.transpose(-2, -1)), "keys and queries swapped: scores[i, j] must be query i . key j."),
                                 (a @ b.transpose(-2, -1) / math.sqrt(dim), "the scores were already scaled; scaling belongs in attention_weights.")],
-        hint="scores = queries @ keys.transpose(-2, -1): use the last two dimensions so batches work too.",
+        hint="entry [i, j] is the dot product of query i with key j; work on the last two dimensions (a matrix "
+             "product with the keys' last two dimensions swapped) so that batch dimensions come along.",
     )
 
 
@@ -100,7 +101,7 @@ def check_attention_weights(
         ]
 
     check_function(fn, _ref_attention_weights, cases, name="attention_weights", diagnoses=diagnoses,
-                   hint="weights = torch.softmax(scores / d_k**0.5, dim=-1).")
+                   hint="divide the scores by the square root of d_k, then take torch.softmax over the last dimension (the keys).")
 
 
 def check_context_vectors(
@@ -121,7 +122,7 @@ def check_context_vectors(
     case = f"weights {_batch_label(weights.shape)}, values {_batch_label(values.shape)}, {dtype}"
     check_function(fn, lambda w, v: w @ v, [(case, (weights, values))], name="context_vectors",
                    diagnoses=lambda w, v: [(w.transpose(-2, -1) @ v, "the weights were transposed: row i of the weights belongs to query i.")],
-                   hint="context = weights @ values.")
+                   hint="row i of the result is the sum of the value vectors weighted by row i of the weights (one matrix product).")
 
 
 # --- attention modules ----------------------------------------------------------------
@@ -192,10 +193,18 @@ def _attention_diagnoses(num_heads: int, causal: bool) -> Callable:
     return diagnoses
 
 
+# the three steps of exercises 1-3, graded once there: the modules run on the reference steps
+_ATTENTION_STEPS = {
+    "attention_scores": lambda queries, keys: queries @ keys.transpose(-2, -1),
+    "attention_weights": lambda scores, d_k: _ref_attention_weights(scores, d_k),
+    "context_vectors": lambda weights, values: weights @ values,
+}
+
 _MASK_SLICE_HINT = ("if the error is about sizes: the input may be shorter than context_length, so use only the "
-                    "first T rows and columns of the mask (mask[:T, :T] with T = x.shape[1]).")
+                    "first T rows and columns of the mask, T being the number of tokens of the input.")
 
 
+@_grades_on(_ATTENTION_STEPS)
 def check_self_attention(
     cls: Callable,
     *,
@@ -223,11 +232,12 @@ def check_self_attention(
     check_module_against_reference(
         student, reference, [(case, (x,))], name="SelfAttention", perturb_seed=seed,
         diagnoses=_attention_diagnoses(1, causal=False),
-        hint="queries, keys, values = W_query(x), W_key(x), W_value(x); "
-             "weights = softmax(queries @ keys.transpose(-2, -1) / d_out**0.5, dim=-1); return weights @ values.",
+        hint="project x with W_query, W_key and W_value; scores of every query with every key, scaled by the "
+             "square root of the key dimension, softmax over the keys; then the weighted sum of the values.",
     )
 
 
+@_grades_on(_ATTENTION_STEPS)
 def check_causal_attention(
     cls: Callable,
     *,
@@ -258,14 +268,15 @@ def check_causal_attention(
     check_module_against_reference(
         student, reference, [(case.replace("T,", f"{x.shape[1]},", 1), (x,)) for x in xs], name="CausalAttention",
         perturb_seed=seed, diagnoses=_attention_diagnoses(1, causal=True), call_hint=_MASK_SLICE_HINT,
-        hint="mask the scores above the diagonal with -inf (use only the first T rows and columns of the "
-             "mask), softmax(scores / d_out**0.5, dim=-1), dropout on the weights, then weights @ values.",
+        hint="set the scores above the diagonal to -inf before the softmax (a mask as large as the input, T by T), "
+             "scale by the square root of the key dimension, apply dropout to the weights, then weight the values.",
     )
     student.eval()
     check_causal(student, xs[0], name="CausalAttention", case=case.replace("T,", f"{num_tokens},", 1))
     check_dropout_behaviour(student, lambda: (xs[0].clone(),), dropout=dropout, name="CausalAttention", case=case)
 
 
+@_grades_on(_ATTENTION_STEPS)
 def check_multihead_attention(
     cls: Callable,
     *,
@@ -302,9 +313,9 @@ def check_multihead_attention(
         perturb_seed=seed, diagnoses=_attention_diagnoses(num_heads, causal=True), call_hint=_MASK_SLICE_HINT,
         transfer_hint="create W_query, W_key, W_value = nn.Linear(d_in, d_out, bias=qkv_bias) (or one "
                       "nn.Linear(d_in, 3 * d_out)) and out_proj = nn.Linear(d_out, d_out).",
-        hint="project, view as (b, T, num_heads, head_dim) and transpose(1, 2); masked softmax of "
-             "q @ k.transpose(2, 3) / head_dim**0.5; dropout; weights @ v; transpose back, reshape to "
-             "(b, T, d_out), then out_proj.",
+        hint="split each projection into num_heads heads of head_dim (a view, then move the head dimension before "
+             "the tokens); masked, scaled attention with dropout in every head at once; move the heads back, merge "
+             "them into d_out, then out_proj.",
     )
     student.eval()
     check_causal(student, xs[0], name="MultiHeadAttention", case=case.replace("T,", f"{num_tokens},", 1))

@@ -22,10 +22,12 @@ from ..gpt import GPTConfig
 from ..gpt import GPTModel as _RefGPTModel
 from ..gpt import LayerNorm as _RefLayerNorm
 from ..gpt import TransformerBlock as _RefTransformerBlock
+from ..gpt import GELU as _RefGELU
 from ..gpt import gelu_tanh
-from .core import Tolerance, _call, _fmt_shape, _message, _seeded_ints, check_function, check_shape, check_tensor_close, seeded_randn
+from ..attention import MultiHeadAttention as _RefMultiHeadAttention
+from .core import CheckFailed, Tolerance, _call, _swapped_names, _fmt_shape, _message, _seeded_ints, check_function, check_shape, check_tensor_close, seeded_randn
 from .factories import grading_config
-from .modules import _build, check_causal, check_dropout_behaviour, check_module_against_reference
+from .modules import _build, _check_left_alone, _inner_dropout_off, _use_reference_parts, _watching, check_causal, check_dropout_behaviour, check_module_against_reference
 from .weights import perturb_parameters
 
 __all__ = [
@@ -87,17 +89,16 @@ def check_layer_norm(
             fresh, fresh_ref(x), name="LayerNorm, freshly created", case=case,
             diagnoses=lambda: _layer_norm_variants(fresh_ref, x) + [
                 (torch.zeros_like(x), "scale starts at zeros; it must start at ones (and shift at zeros).")],
-            hint="a fresh LayerNorm gives each row mean 0 and variance 1: initialise scale = "
-                 "nn.Parameter(torch.ones(emb_dim)) and shift = nn.Parameter(torch.zeros(emb_dim)), and normalise "
-                 "over the last dimension.",
+            hint="a fresh LayerNorm gives each row mean 0 and variance 1: scale starts at ones and shift at zeros, "
+                 "and the statistics are taken over the last dimension.",
         )
     reference = _RefLayerNorm(emb_dim).to(dtype)
     check_module_against_reference(
         student, reference, [(case, (x,)), (f"{case}, values scaled by 1e-3 (eps matters)", (tiny,))],
         name="LayerNorm", perturb_seed=seed, diagnoses=_layer_norm_variants,
         transfer_hint="create exactly two parameters: scale (emb_dim,) and shift (emb_dim,).",
-        hint="mean and var over dim=-1 with keepdim=True, var with unbiased=False; "
-             "(x - mean) / torch.sqrt(var + 1e-5) * scale + shift.",
+        hint="mean and biased variance over the last dimension (keep it for broadcasting); subtract the mean, divide "
+             "by the square root of variance plus eps (1e-5), then multiply by scale and add shift.",
     )
 
 
@@ -136,7 +137,7 @@ def check_gelu(
 
     with torch.no_grad():
         check_function(fn, gelu_tanh, [(case, (x,))], name="GELU", tol=tol, diagnoses=diagnoses,
-                       hint="0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))).")
+                       hint="use the tanh formula of the exercise text, term by term (the constant inside is the square root of 2 / pi).")
 
 
 def _ff_variants(ref: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
@@ -153,16 +154,30 @@ def check_feed_forward(cls: Callable, *, cfg: GPTConfig | None = None, batch_siz
     """Grade ``cls(cfg)``: Linear(emb, 4 emb) -> GELU (tanh) -> Linear(4 emb, emb)."""
     cfg = cfg or grading_config()
     case = f"x of shape ({batch_size}, {num_tokens}, {cfg.emb_dim}), emb_dim={cfg.emb_dim}, {dtype}"
-    with torch.random.fork_rng():
+    with _swapped_names(cls, _REFERENCE_PARTS), torch.random.fork_rng():
         torch.manual_seed(seed)
-        student = _build(cls, (cfg,), {}, "FeedForward", case).to(dtype)
+        student = _build(cls, (cfg,), {}, "FeedForward", case)
+        # graded on the reference GELU: a GELU mistake costs the GELU exercise only
+        _use_reference_parts(student, {"gelu": _RefGELU}, match=_gelu_like)
+        student = student.to(dtype)
         reference = _RefFeedForward(cfg).to(dtype)
-    x = seeded_randn(batch_size, num_tokens, cfg.emb_dim, seed=seed + 1, dtype=dtype)
-    check_module_against_reference(
-        student, reference, [(case, (x,))], name="FeedForward", perturb_seed=seed, diagnoses=_ff_variants,
-        transfer_hint="create nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim) and nn.Linear(4 * cfg.emb_dim, cfg.emb_dim), in that order.",
-        hint="self.layers = nn.Sequential(nn.Linear(emb, 4 * emb), GELU(), nn.Linear(4 * emb, emb)).",
-    )
+        x = seeded_randn(batch_size, num_tokens, cfg.emb_dim, seed=seed + 1, dtype=dtype)
+        check_module_against_reference(
+            student, reference, [(case, (x,))], name="FeedForward", perturb_seed=seed, diagnoses=_ff_variants,
+            transfer_hint="create nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim) and nn.Linear(4 * cfg.emb_dim, cfg.emb_dim), in that order.",
+            hint="widen each vector to four times emb_dim, apply the GELU (tanh approximation), project back to "
+                 "emb_dim; the layers in one nn.Sequential named `layers`.",
+        )
+
+
+def _gelu_like(path: str, module: nn.Module) -> str | None:
+    """A parameter-free module of the student's named like a GELU stands for the GELU exercise."""
+    return "gelu" if "gelu" in type(module).__name__.lower() and not any(True for _ in module.parameters()) else None
+
+
+# The reference parts a composite check grades on, by the names the notebook gives them.
+_REFERENCE_PARTS = {"GELU": _RefGELU, "LayerNorm": _RefLayerNorm, "FeedForward": _RefFeedForward,
+                    "MultiHeadAttention": _RefMultiHeadAttention, "TransformerBlock": _RefTransformerBlock}
 
 
 # --- the transformer block and the model ----------------------------------------------
@@ -194,20 +209,30 @@ def check_transformer_block(cls: Callable, *, cfg: GPTConfig | None = None, batc
     cfg = cfg or grading_config()
     num_tokens = num_tokens or cfg.context_length - 2
     case = f"x of shape ({batch_size}, {num_tokens}, {cfg.emb_dim}), {cfg.n_heads} heads, drop_rate={cfg.drop_rate}, {dtype}"
-    with torch.random.fork_rng():
+    parts = {"att": lambda: _RefMultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads,
+                                                   cfg.qkv_bias),
+             "ff": lambda: _RefFeedForward(cfg), "norm1": lambda: _RefLayerNorm(cfg.emb_dim),
+             "norm2": lambda: _RefLayerNorm(cfg.emb_dim)}
+    with _swapped_names(cls, _REFERENCE_PARTS), torch.random.fork_rng():
         torch.manual_seed(seed)
-        student = _build(cls, (cfg,), {}, "TransformerBlock", case).to(dtype)
+        student = _build(cls, (cfg,), {}, "TransformerBlock", case)
+        # graded on the reference attention, feed-forward and LayerNorms: only the wiring is this exercise's
+        _use_reference_parts(student, parts)
+        student = student.to(dtype)
         reference = _RefTransformerBlock(cfg).to(dtype)
-    x = seeded_randn(batch_size, num_tokens, cfg.emb_dim, seed=seed + 1, dtype=dtype)
-    check_module_against_reference(
-        student, reference, [(case, (x,))], name="TransformerBlock", perturb_seed=seed, diagnoses=_block_variants,
-        transfer_hint="create self.att (MultiHeadAttention), self.ff (FeedForward), self.norm1, self.norm2 "
-                      "(LayerNorm) and self.drop_shortcut (nn.Dropout), with the names given.",
-        hint="x = x + drop_shortcut(att(norm1(x))); then x = x + drop_shortcut(ff(norm2(x))).",
-    )
-    student.eval()
-    check_causal(student, x, name="TransformerBlock", case=case)
-    check_dropout_behaviour(student, lambda: (x.clone(),), dropout=cfg.drop_rate, name="TransformerBlock", case=case)
+        x = seeded_randn(batch_size, num_tokens, cfg.emb_dim, seed=seed + 1, dtype=dtype)
+        check_module_against_reference(
+            student, reference, [(case, (x,))], name="TransformerBlock", perturb_seed=seed, diagnoses=_block_variants,
+            transfer_hint="create self.att (MultiHeadAttention), self.ff (FeedForward), self.norm1, self.norm2 "
+                          "(LayerNorm) and self.drop_shortcut (nn.Dropout), with the names given.",
+            hint="pre-norm: each of the two steps normalises its input first (norm1 before attention, norm2 before the "
+                 "feed-forward), applies dropout to the step's output and adds the step's input back.",
+        )
+        student.eval()
+        check_causal(student, x, name="TransformerBlock", case=case)
+        with _inner_dropout_off(student):  # the block's own dropout: drop_shortcut
+            check_dropout_behaviour(student, lambda: (x.clone(),), dropout=cfg.drop_rate, name="TransformerBlock",
+                                    case=f"{case}; dropout inside att and ff switched off, to see drop_shortcut's")
 
 
 def _gpt_variants(ref: nn.Module, idx: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
@@ -239,23 +264,31 @@ def check_gpt_forward(cls: Callable, *, cfg: GPTConfig | None = None, batch_size
     cfg = cfg or grading_config()
     num_tokens = num_tokens or cfg.context_length // 2
     case = f"token ids of shape ({batch_size}, T), {cfg.n_layers} layers, emb_dim={cfg.emb_dim}, vocab_size={cfg.vocab_size}, {dtype}"
-    with torch.random.fork_rng():
+    parts = {"block": lambda: _RefTransformerBlock(cfg), "final_norm": lambda: _RefLayerNorm(cfg.emb_dim)}
+    tol = Tolerance(1e-4, 1e-4) if dtype != torch.float64 else None
+    with _swapped_names(cls, _REFERENCE_PARTS), torch.random.fork_rng():
         torch.manual_seed(seed)
-        student = _build(cls, (cfg,), {}, "GPTModel", case).to(dtype)
+        student = _build(cls, (cfg,), {}, "GPTModel", case)
+        # graded on reference blocks and LayerNorm: embeddings, order, final norm and head are this exercise's
+        _use_reference_parts(student, parts, match=lambda path, m: "block" if path.startswith("trf_blocks.")
+                             and path.count(".") == 1 else None)
+        student = student.to(dtype)
         reference = _RefGPTModel(cfg).to(dtype)
-    ids = [_seeded_ints(cfg.vocab_size, batch_size, t, seed=seed + t) for t in sorted({num_tokens, cfg.context_length})]
-    check_module_against_reference(
-        student, reference, [(case.replace("T)", f"{i.shape[1]})", 1), (i,)) for i in ids], name="GPTModel",
-        perturb_seed=seed, diagnoses=_gpt_variants, tol=Tolerance(1e-4, 1e-4) if dtype != torch.float64 else None,
-        transfer_hint="create tok_emb, pos_emb (nn.Embedding), drop_emb, trf_blocks (n_layers blocks), final_norm "
-                      "and out_head = nn.Linear(emb_dim, vocab_size, bias=False), with the names given.",
-        hint="x = tok_emb(idx) + pos_emb(torch.arange(T)); dropout; the blocks in order; final_norm; out_head.",
-    )
-    student.eval()
-    label = case.replace("T)", f"{num_tokens})", 1)
-    check_causal(student, ids[0], name="GPTModel", case=label, vocab_size=cfg.vocab_size,
-                 tol=Tolerance(1e-4, 1e-4) if dtype != torch.float64 else None)
-    check_dropout_behaviour(student, lambda: (ids[0].clone(),), dropout=cfg.drop_rate, name="GPTModel", case=label)
+        ids = [_seeded_ints(cfg.vocab_size, batch_size, t, seed=seed + t) for t in sorted({num_tokens, cfg.context_length})]
+        check_module_against_reference(
+            student, reference, [(case.replace("T)", f"{i.shape[1]})", 1), (i,)) for i in ids], name="GPTModel",
+            perturb_seed=seed, diagnoses=_gpt_variants, tol=tol,
+            transfer_hint="create tok_emb, pos_emb (nn.Embedding), drop_emb, trf_blocks (n_layers blocks), final_norm "
+                          "and out_head = nn.Linear(emb_dim, vocab_size, bias=False), with the names given.",
+            hint="add the token embeddings and the embeddings of the positions 0..T-1, apply dropout, run the blocks in "
+                 "order, then the final LayerNorm and the output head.",
+        )
+        student.eval()
+        label = case.replace("T)", f"{num_tokens})", 1)
+        check_causal(student, ids[0], name="GPTModel", case=label, vocab_size=cfg.vocab_size, tol=tol)
+        with _inner_dropout_off(student):  # the model's own dropout: drop_emb
+            check_dropout_behaviour(student, lambda: (ids[0].clone(),), dropout=cfg.drop_rate, name="GPTModel",
+                                    case=f"{label}; dropout inside the blocks switched off, to see drop_emb's")
 
 
 # --- greedy generation ----------------------------------------------------------------
@@ -304,11 +337,11 @@ def check_greedy_generate(
     case = (f"prompt of shape {_fmt_shape(idx.shape)}, max_new_tokens={max_new_tokens}, "
             f"context_size={context_size} (model context_length {cfg.context_length})")
     expected = _ref_generate(model, idx.clone(), max_new_tokens, context_size, temperature=0.0, use_cache=False)
-    with torch.no_grad():
+    with _watching(model) as calls:
         got = _call(fn, model, idx.clone(), max_new_tokens, context_size, what="your generate function", case=case,
-                    hint="feed the model at most the last context_size tokens: idx[:, -context_size:].")
+                    hint="feed the model at most the last context_size tokens.")
     check_shape(got, expected.shape, name="generated ids", case=case,
-                hint="return the prompt followed by the new tokens: torch.cat((idx, next_id), dim=1) each step.")
+                hint="return the prompt followed by the new tokens (append each new id to idx along dim 1).")
     if not torch.equal(got.long(), expected):
         with torch.no_grad():
             candidates = [
@@ -318,11 +351,16 @@ def check_greedy_generate(
         cause = next((why for cand, why in candidates if torch.equal(got.long(), cand)), None)
         row = int((got.long() != expected).any(dim=1).nonzero()[0])
         col = int((got.long()[row] != expected[row]).nonzero()[0])
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "generated ids: differ from greedy decoding.", case=case,
             lines=[f"sequence {row}, first difference at position {col} (the prompt is {prompt_length} tokens)",
                    f"expected {expected[row].tolist()}", f"got      {got[row].tolist()}"],
             cause=cause,
-            hint="each step: logits = model(idx[:, -context_size:]); next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True); "
-                 "idx = torch.cat((idx, next_id), dim=1).",
+            hint="each step: run the model on the last context_size tokens, take the largest logit at the LAST "
+                 "position as the next id, and append it to the sequence.",
         ))
+    _check_left_alone(model, calls, name="your generate function", case=f"{case}, a model in eval mode", training=False)
+    if any(grad for _, grad in calls.modes):
+        raise CheckFailed(_message("your generate function: the model ran with gradients switched on.", case=case,
+                                   cause="generating trains nothing, so the graph of every step only costs memory.",
+                                   hint="run the model under torch.no_grad(), as the exercise asks."))

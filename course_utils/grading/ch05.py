@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ..gpt import GPTConfig
 from ..data import IGNORE_INDEX
@@ -33,22 +32,11 @@ from .. import train as _ref_train_module
 from ..train import fit as _ref_fit
 from ..train import loss_measure as _ref_loss_measure
 from .core import (
-    Tolerance,
-    _as_number,
-    _call,
-    _check_number,
-    _fmt_num,
-    _fmt_shape,
-    _fmt_values,
-    _message,
-    _one_thread,
-    _seeded,
-    check_function,
-    check_shape,
-    check_tensor_close,
-    seeded_randn,
+    CheckFailed, Tolerance, _as_number, _call, _check_number, _fmt_num, _fmt_shape,
+    _fmt_values, _grades_on, _swapped_names, _message, _one_thread, _seeded, check_function, check_shape, check_tensor_close, seeded_randn,
 )
-from .factories import DEVICE, _tiny_gpt, _token_pairs, grading_config, token_loader
+from .modules import _check_left_alone, _watching
+from .factories import DEVICE, _AdamWKeepingGrads, _masked_copy, _no_random_state_kept, _tiny_gpt, _token_pairs, grading_config, token_loader
 
 __all__ = [
     "token_loader",
@@ -126,27 +114,29 @@ def check_loss_batch(
             f"{', some targets -100' if masked else ''}, vocab_size={cfg.vocab_size}, {dtype}")
     expected = _ref_loss_batch(inputs, targets, model, DEVICE).detach()
     got = _call(fn, inputs.clone(), targets.clone(), model, DEVICE, what="calc_loss_batch", case=case,
-                hint="logits = model(input_batch); F.cross_entropy(logits.flatten(0, 1), target_batch.flatten()).")
+                hint="run the model on the inputs and compare its logits with the targets using F.cross_entropy, with "
+                     "the batch and position dimensions flattened into one.")
     if not isinstance(got, torch.Tensor):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"calc_loss_batch: expected a tensor, got {type(got).__name__}.", case=case,
             hint="return the loss tensor itself: the training loop calls loss.backward() on it, so do not call "
                  ".item() or float() here."))
     check_shape(got, (), name="calc_loss_batch", case=case,
                 hint="return one number for the whole batch (a 0-dim tensor): average over every position.")
     if not got.requires_grad:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "calc_loss_batch: the loss has no gradient graph.", case=case,
             hint="do not compute it under torch.no_grad() and do not .detach() it: loss.backward() needs the graph."))
     with torch.no_grad():
         logits = model(inputs)
     check_tensor_close(got, expected, name="calc_loss_batch", case=case,
                        diagnoses=lambda: _loss_batch_variants(logits, inputs, targets),
-                       hint="F.cross_entropy(logits.flatten(0, 1), target_batch.flatten()): it averages over every "
+                       hint="F.cross_entropy on the flattened logits and targets averages over every "
                             "position and skips targets equal to -100.")
 
 
 @_one_thread
+@_grades_on({"calc_loss_batch": _ref_loss_batch})  # a batch-loss mistake is graded once, in exercise 1
 def check_loss_loader(
     fn: Callable,
     *,
@@ -179,15 +169,16 @@ def check_loss_loader(
                 f"the last batch holding {n_seqs - (len(loader) - 1) * batch_size}"
                 f"{', some targets -100' if masked else ''}), num_batches={num_batches}")
     expected = _ref_loss_loader(loader, model, DEVICE, num_batches=num_batches)
-    hint = ("n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader)); for the first n "
-            "batches add calc_loss_batch(...).item() * k to a total and k to a count, where k = (target_batch != -100)"
-            ".sum().item(); return total / count, or float('nan') when nothing was counted.")
-    got = _as_number(_call(fn, loader, model, DEVICE, num_batches, what="calc_loss_loader", case=case, hint=hint),
-                     name="calc_loss_loader", case=case)
+    hint = ("over the first num_batches batches (never more than the loader has), add up each batch loss times its "
+            "number of targets that are not -100, and divide by the total number of such targets; NaN when that "
+            "number is zero.")
+    with _watching(model) as calls:
+        got = _as_number(_call(fn, loader, model, DEVICE, num_batches, what="calc_loss_loader", case=case, hint=hint),
+                         name="calc_loss_loader", case=case)
     if empty and not math.isnan(got):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"calc_loss_loader: an empty loader must give NaN, got {_fmt_num(got)}.", case=case,
-            hint="with no batches there is no loss to average: return float('nan') (0 would look like a perfect model)."))
+            hint="with no batches there is no loss to average: the answer is NaN (0 would look like a perfect model)."))
 
     def variants() -> list[tuple[float, str]]:
         losses, counted, sizes, numels = [], [], [], []
@@ -219,31 +210,16 @@ def check_loss_loader(
         return out
 
     _check_number(got, expected, name="calc_loss_loader", case=case, tol=Tolerance(1e-5, 1e-5), variants=variants, hint=hint)
-
-
-def _masked_copy(loader: DataLoader, seed: int) -> DataLoader:
-    """The same batches with about a third of the targets set to -100 (each sequence keeps one)."""
-    inputs, targets = loader.dataset.tensors
-    g = torch.Generator().manual_seed(seed)
-    drop = torch.rand(targets.shape, generator=g) < 0.35
-    drop[:, 0] = False
-    return DataLoader(TensorDataset(inputs, targets.masked_fill(drop, IGNORE_INDEX)), batch_size=loader.batch_size,
-                      shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(seed))
+    _check_left_alone(model, calls, name="calc_loss_loader", case=case, training=False)
+    if any(grad for _, grad in calls.modes):
+        raise CheckFailed(_message(
+            "calc_loss_loader: the model ran with gradients switched on.", case=case,
+            lines=[f"{sum(grad for _, grad in calls.modes)} of {len(calls.modes)} forward passes built a gradient graph"],
+            cause="nothing is trained here, so the graph only costs memory and time.",
+            hint="wrap the loop over the batches in torch.no_grad(), as the exercise asks."))
 
 
 # --- the training loop ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _no_random_state_kept(*args: Any, **kwargs: Any) -> Iterator[None]:
-    yield
-
-
-class _AdamWKeepingGrads(torch.optim.AdamW):
-    """AdamW whose zero_grad does nothing: the loop a student gets without zero_grad."""
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        return None
 
 
 def _reference_run(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -294,6 +270,24 @@ def _reference_run(model: nn.Module, train_loader: DataLoader, val_loader: DataL
             handle.remove()
         model.__dict__.pop("train", None)
     return {"step": history.step, "seen": history.seen, "train_loss": history["train_loss"], "val_loss": history["val_loss"]}
+
+
+def _watched_losses(model: nn.Module, slips: list[str]) -> dict[str, Callable]:
+    """The reference batch and loader losses, noting a training step taken in eval mode or an
+    evaluation run in train mode (found even when dropout is 0 and the numbers agree)."""
+
+    def calc_loss_batch(input_batch, target_batch, m, device):
+        if m is model and not m.training and not slips:
+            slips.append("a training step ran in eval mode: call model.train() again after evaluating "
+                         "(and at the start of each epoch).")
+        return _ref_loss_batch(input_batch, target_batch, m, device)
+
+    def calc_loss_loader(data_loader, m, device, num_batches=None):
+        if m is model and m.training:
+            slips.append("the losses were measured in train mode: call model.eval() before calc_loss_loader.")
+        return _ref_loss_loader(data_loader, m, device, num_batches=num_batches)
+
+    return {"calc_loss_batch": calc_loss_batch, "calc_loss_loader": calc_loss_loader}
 
 
 _LOSS_MISTAKES = {
@@ -369,21 +363,32 @@ def check_train_loop(
         optimizer = opt_cls(model.parameters(), lr=lr, weight_decay=0.1)
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1000)  # dropout draws the same numbers in both runs
-            if student:
-                out = _call(fn, model, train_loader, val_loader, optimizer, DEVICE, num_epochs, eval_every, eval_batches,
-                            what=name, case=case)
+            if student:  # on the reference losses (graded in exercises 1 and 2), watching the model's mode
+                with _swapped_names(fn, _watched_losses(model, slips)):
+                    out = _call(fn, model, train_loader, val_loader, optimizer, DEVICE, num_epochs, eval_every,
+                                eval_batches, what=name, case=case)
+                lr_after = [group["lr"] for group in optimizer.param_groups]
+                if lr_after != [lr] * len(lr_after):
+                    slips.append("the optimizer's learning rate was changed: leave the optimizer's settings alone.")
             else:
                 out = _reference_run(model, train_loader, val_loader, optimizer, num_epochs, eval_every, eval_batches,
                                      None if mistake == "no_zero_grad" else mistake)
         return out, model
 
+    slips: list[str] = []
     expected, ref_model = run()
     got, student_model = run(student=True)
+    if not slips and student_model.training != ref_model.training:
+        slips.append("the model is left in eval mode at the end: call model.train() again after each evaluation.")
+    if slips:
+        raise CheckFailed(_message(f"{name}: the model was not in the mode the loop needs.", case=case,
+                                   cause=slips[0], hint="evaluate in eval mode, train in train mode; model.eval() "
+                                   "before measuring the losses, model.train() right after."))
     columns = ("step", "seen", "train_loss", "val_loss")
     try:
         got_cols = {key: list(got[key]) for key in columns}
     except (TypeError, KeyError, IndexError) as err:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: expected a dict with the lists {', '.join(repr(c) for c in columns)}; got "
             f"{type(got).__name__} ({type(err).__name__}: {err}).", case=case,
             hint='return {"step": steps, "seen": seen, "train_loss": train_losses, "val_loss": val_losses}.')) from None
@@ -393,19 +398,19 @@ def check_train_loop(
     total = num_epochs * len(train_loader)
     sizes = [(x.shape[0], x.numel()) for x, _ in train_loader] * num_epochs
     if got_cols["step"] != expected["step"]:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: evaluated after other steps than the reference.", case=case,
             lines=[f"{len(train_loader)} steps per epoch, {total} in all", f"expected step {expected['step']}",
                    f"got      step {got_cols['step']}"],
             cause=_step_diagnosis(got_cols["step"], expected["step"], total, eval_every),
-            hint="evaluate before the loop (step 0); then after each update: steps_done += 1, and evaluate when "
-                 "steps_done % eval_every == 0 or steps_done is the last step."))
+            hint="evaluate before the loop (step 0); then count each update, and evaluate when the count is a multiple "
+                 "of eval_every, and after the last step."))
     if got_cols["seen"] != expected["seen"]:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: seen differs from the reference.", case=case,
             lines=[f"expected seen {expected['seen']}", f"got      seen {got_cols['seen']}"],
             cause=_seen_diagnosis(got_cols["seen"], expected["step"], sizes),
-            hint="after each update add input_batch.numel() to the count; each row records the count so far."))
+            hint="after each update add the number of input tokens of the batch; each row records the count so far."))
     tol = Tolerance(1e-4, 1e-4)
     for key in ("train_loss", "val_loss"):
         got_t = torch.tensor([_as_number(v, name=f"{key} entries", case=case) for v in got_cols[key]], dtype=torch.float64)
@@ -415,9 +420,9 @@ def check_train_loop(
 
         check_tensor_close(got_t, torch.tensor(expected[key], dtype=torch.float64), name=f"{name}: {key}", case=case,
                            tol=tol, diagnoses=diagnoses,
-                           hint="each step: optimizer.zero_grad(); loss = calc_loss_batch(...); loss.backward(); "
-                                "optimizer.step(). To evaluate: model.eval(), calc_loss_loader(..., num_batches="
-                                "eval_batches) for both loaders, then model.train().")
+                           hint="each step: clear the gradients, the batch loss, backward, optimizer step. To "
+                                "evaluate: eval mode, calc_loss_loader on eval_batches batches of both loaders, "
+                                "then train mode again.")
     got_w = torch.cat([p.detach().double().flatten() for p in student_model.parameters()])
     exp_w = torch.cat([p.detach().double().flatten() for p in ref_model.parameters()])
     check_tensor_close(got_w, exp_w, name=f"{name}: the trained weights (all parameters, flattened)", case=case,
@@ -493,11 +498,12 @@ def check_sampling_probs(
         lambda z: reference_sampling_probs(z, temperature, top_k),
         [(case, (logits,))], name="sampling_probs",
         diagnoses=lambda z: _probs_variants(z, temperature, top_k),
-        hint="kth = torch.topk(logits, min(top_k, vocab), dim=-1).values[:, -1:]; logits = logits.masked_fill(logits < kth, "
-             "float('-inf')); return torch.softmax(logits / temperature, dim=-1).",
+        hint="find each row's k-th largest logit with torch.topk, set the logits strictly below it to -inf, divide "
+             "by the temperature, softmax over the vocabulary.",
     )
 
 
+@_grades_on({"sampling_probs": reference_sampling_probs})  # exercise 4 is graded once, there
 def check_sample_next_token(
     fn: Callable,
     *,
@@ -518,8 +524,8 @@ def check_sample_next_token(
     passes.
     """
     base = seeded_randn(1, vocab_size, seed=seed, scale=1.5)
-    hint = ("probs = softmax(filtered logits / temperature, dim=-1); return torch.multinomial(probs, num_samples=1, "
-            "generator=generator) (greedy, logits.argmax(dim=-1, keepdim=True), when temperature is 0).")
+    hint = ("at temperature 0 take each row's largest logit; otherwise draw one id per row from sampling_probs(...) "
+            "with torch.multinomial, passing it the generator.")
     # greedy
     greedy_logits = seeded_randn(3, vocab_size, seed=seed + 1)
     greedy_case = f"logits of shape {_fmt_shape(greedy_logits.shape)}, temperature=0.0, top_k={top_k}"
@@ -528,9 +534,9 @@ def check_sample_next_token(
                     what="sample_next_token", case=greedy_case, hint=hint)
     expected = greedy_logits.argmax(dim=-1, keepdim=True)
     check_shape(got, expected.shape, name="sample_next_token", case=greedy_case,
-                hint="return a (B, 1) tensor of ids: argmax(dim=-1, keepdim=True) or multinomial(..., num_samples=1).")
+                hint="the result is a (B, 1) tensor of ids: keep the last dimension (keepdim, or one sample per row).")
     if not torch.equal(got.long(), expected):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "sample_next_token: with temperature 0 it must pick the largest logit of each row (greedy).", case=greedy_case,
             lines=[f"expected {expected.flatten().tolist()}", f"got      {got.flatten().tolist()}"], hint=hint))
     # sampling
@@ -547,18 +553,18 @@ def check_sample_next_token(
         check_shape(out, (num_draws, 1), name="sample_next_token", case=case,
                     hint="return a (B, 1) tensor of ids, one draw per row (num_samples=1).")
         if out.dtype.is_floating_point or out.dtype == torch.bool:
-            raise AssertionError(_message(f"sample_next_token: expected integer token ids, got dtype {out.dtype}.", case=case,
+            raise CheckFailed(_message(f"sample_next_token: expected integer token ids, got dtype {out.dtype}.", case=case,
                                           hint="return the indices that torch.multinomial gives (torch.long)."))
         return out.long().flatten()
 
     first = draw(seed, 1)
     bad = first[(first < 0) | (first >= vocab_size)]
     if bad.numel():
-        raise AssertionError(_message(f"sample_next_token: drew id {int(bad[0])}, outside the vocabulary 0..{vocab_size - 1}.",
+        raise CheckFailed(_message(f"sample_next_token: drew id {int(bad[0])}, outside the vocabulary 0..{vocab_size - 1}.",
                                       case=case, hint=hint))
     forbidden = sorted({int(t) for t in first.tolist() if probs[int(t)] == 0})
     if forbidden:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"sample_next_token: drew token(s) {forbidden}, which top_k={top_k} filters out.", case=case,
             lines=[f"allowed tokens: {[i for i in range(vocab_size) if probs[i] > 0]}"],
             cause="the draw ignores the top-k filter: sample from the filtered probabilities.", hint=hint))
@@ -574,15 +580,15 @@ def check_sample_next_token(
         if top_k is not None:
             candidates.append((torch.softmax(base[0].double() / temperature, dim=-1), "top_k was ignored."))
         cause = next((why for p, why in candidates if bool(((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / num_draws) + 0.005).all())), None)
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "sample_next_token: the draws do not follow the scaled, filtered probabilities.", case=case,
             lines=[f"expected probabilities {_fmt_values(probs, vocab_size)}", f"observed frequencies   {_fmt_values(freq, vocab_size)}"],
             cause=cause, hint=hint))
     if not torch.equal(draw(seed, 2), first):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "sample_next_token: the same generator seed gave different draws when the global random state changed.", case=case,
-            hint="draw with the generator you are given and nothing else: torch.multinomial(probs, 1, generator=generator)."))
+            hint="draw with the generator you are given and nothing else (torch.multinomial takes a generator argument)."))
     if int((probs > 0).sum()) > 1 and torch.equal(draw(seed + 7919, 1), first):  # top_k=1 leaves no choice
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "sample_next_token: two different generator seeds gave exactly the same draws.", case=case,
-            hint="use the generator argument for the random draw: torch.multinomial(probs, 1, generator=generator)."))
+            hint="use the generator argument for the random draw (torch.multinomial takes it)."))

@@ -20,6 +20,7 @@ from ..classify import calc_accuracy_loader as _ref_accuracy_loader
 from ..classify import calc_loss_batch_classification as _ref_classification_loss
 from ..gpt import GPTConfig
 from .core import (
+    CheckFailed,
     Tolerance,
     _as_number,
     _call,
@@ -34,6 +35,7 @@ from .core import (
     check_tensor_close,
 )
 from .factories import DEVICE, _tiny_gpt, grading_config
+from .modules import _check_left_alone, _watching
 from .weights import perturb_parameters
 
 __all__ = ["grading_config", "check_classification_head", "check_accuracy_loader", "check_classification_loss"]
@@ -73,26 +75,26 @@ def check_classification_head(
     model = copy.deepcopy(base)
     case = (f"a GPTModel with {cfg.n_layers} blocks, emb_dim={cfg.emb_dim}; num_classes={num_classes}, "
             f"train_last_blocks={train_last_blocks}")
-    hint = ("for p in model.parameters(): p.requires_grad = False; model.out_head = nn.Linear(cfg.emb_dim, num_classes); "
-            "then set requires_grad = True on model.final_norm's and the last train_last_blocks blocks' parameters; return model.")
+    hint = ("freeze every parameter first; then put a new Linear layer from emb_dim to num_classes in place of out_head; "
+            "then make final_norm and the last train_last_blocks blocks trainable again; return the model.")
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         got = _call(fn, model, num_classes, train_last_blocks, what="add_classification_head", case=case, hint=hint)
     if got is None:
         got = model
     if not isinstance(got, nn.Module):
-        raise AssertionError(_message(f"add_classification_head: expected the model back, got {type(got).__name__}.", case=case,
+        raise CheckFailed(_message(f"add_classification_head: expected the model back, got {type(got).__name__}.", case=case,
                                       hint="return model at the end."))
     head = getattr(got, "out_head", None)
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (num_classes, cfg.emb_dim):
         shape = _fmt_shape(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             "add_classification_head: model.out_head is not a Linear layer from emb_dim to num_classes.", case=case,
             lines=[f"expected out_head.weight of shape {_fmt_shape((num_classes, cfg.emb_dim))}, got {shape}"],
-            hint="model.out_head = nn.Linear(cfg.emb_dim, num_classes) (in_features = emb_dim, out_features = num_classes)."))
+            hint="out_head must be a new nn.Linear with in_features = emb_dim and out_features = num_classes."))
     if getattr(head, "bias", None) is None:
-        raise AssertionError(_message("add_classification_head: the new head has no bias.", case=case,
+        raise CheckFailed(_message("add_classification_head: the new head has no bias.", case=case,
                                       hint="nn.Linear(cfg.emb_dim, num_classes) has a bias by default: keep it."))
     want, have = set(_trainable(reference)), set(_trainable(got))
     if want != have:
@@ -116,7 +118,7 @@ def check_classification_head(
                      f"(model.trf_blocks[{cfg.n_layers - train_last_blocks}:]), nearest the head.")
         else:
             cause = None
-        raise AssertionError(_message("add_classification_head: the wrong parameters are trainable.", case=case,
+        raise CheckFailed(_message("add_classification_head: the wrong parameters are trainable.", case=case,
                                       lines=lines, cause=cause, hint=hint))
     ids = _seeded_ints(cfg.vocab_size, batch_size, num_tokens, seed=seed + 2)
     got.eval()
@@ -175,13 +177,20 @@ def check_accuracy_loader(
             f"{num_classes} classes, num_batches={num_batches}, drop_rate={drop_rate}")
     expected = _ref_accuracy_loader(loader, model, DEVICE, num_batches=num_batches)
     model.train()
-    hint = ("model.eval(); with torch.no_grad(): for each of the first n batches, predicted = "
-            "model(input_batch)[:, -1, :].argmax(dim=-1); count (predicted == target_batch) and the examples; "
-            "return correct / examples.")
-    with torch.random.fork_rng():
+    hint = ("in eval mode and without gradients, predict each example's class from the largest logit at the last "
+            "position; divide the number of correct predictions by the number of examples.")
+    with torch.random.fork_rng(), _watching(model) as calls:
         torch.manual_seed(seed + 9)
         got = _as_number(_call(fn, loader, model, DEVICE, num_batches, what="calc_accuracy_loader", case=case, hint=hint),
                          name="calc_accuracy_loader", case=case)
+    train_mode = sum(training for training, _ in calls.modes)
+    if train_mode:  # found whatever the dropout rate: with little dropout the numbers may still agree
+        raise CheckFailed(_message(
+            "calc_accuracy_loader: the model was in train mode when it predicted.", case=case,
+            lines=[f"{train_mode} of {len(calls.modes)} forward passes ran in train mode (the model was handed over in train mode)"],
+            cause="model.eval() is missing, so dropout stays on and the accuracy is noisy.",
+            hint="switch the model to eval mode before the loop."))
+    _check_left_alone(model, calls, name="calc_accuracy_loader", case=case, training=None)
 
     def variants() -> list[tuple[float, str]]:
         model.eval()
@@ -208,7 +217,11 @@ def check_accuracy_loader(
         return out
 
     _check_number(got, expected, name="calc_accuracy_loader", case=case, tol=Tolerance(1e-6, 0.0), variants=variants,
-                  hint=hint + (" With dropout in the model, model.eval() matters." if drop_rate > 0 else ""))
+                  hint=hint)
+    if any(grad for _, grad in calls.modes):
+        raise CheckFailed(_message("calc_accuracy_loader: the model ran with gradients switched on.", case=case,
+                                   cause="nothing is trained here, so the graph only costs memory and time.",
+                                   hint="run the loop under torch.no_grad(), as the exercise asks."))
 
 
 def check_classification_loss(
@@ -230,15 +243,15 @@ def check_classification_loss(
     ids = _seeded_ints(cfg.vocab_size, batch_size, num_tokens, seed=seed + 1)
     labels = _seeded_ints(num_classes, batch_size, seed=seed + 2)
     case = f"input_batch {_fmt_shape(ids.shape)}, target_batch {_fmt_shape(labels.shape)}, {num_classes} classes, {dtype}"
-    hint = "logits = model(input_batch)[:, -1, :] (B, num_classes); return F.cross_entropy(logits, target_batch)."
+    hint = "take the logits of the last position only, (B, num_classes), and their F.cross_entropy against the labels."
     expected = _ref_classification_loss(ids, labels, model, DEVICE).detach()
     got = _call(fn, ids.clone(), labels.clone(), model, DEVICE, what="calc_loss_batch_classification", case=case, hint=hint)
     if not isinstance(got, torch.Tensor):
-        raise AssertionError(_message(f"calc_loss_batch_classification: expected a tensor, got {type(got).__name__}.", case=case,
+        raise CheckFailed(_message(f"calc_loss_batch_classification: expected a tensor, got {type(got).__name__}.", case=case,
                                       hint="return the loss tensor (loss.backward() needs it): no .item()."))
     check_shape(got, (), name="calc_loss_batch_classification", case=case, hint="average over the batch: one number.")
     if not got.requires_grad:
-        raise AssertionError(_message("calc_loss_batch_classification: the loss has no gradient graph.", case=case,
+        raise CheckFailed(_message("calc_loss_batch_classification: the loss has no gradient graph.", case=case,
                                       hint="do not use torch.no_grad() or .detach() here: training calls loss.backward()."))
 
     def diagnoses():

@@ -16,7 +16,7 @@ from ..instruct import IGNORE_INDEX
 from ..instruct import format_input as _ref_format_input
 from ..instruct import instruction_collate as _ref_instruction_collate
 from ..tokenizers import GPT2_EOT_ID
-from .core import _call, _message, check_shape
+from .core import CheckFailed, _call, _message, check_shape
 
 __all__ = ["check_format_input", "check_instruction_collate", "check_collate_masks"]
 
@@ -40,14 +40,14 @@ def check_format_input(fn: Callable, *, entries: Sequence[dict[str, str]] | None
     response header belongs to the full training text).
     """
     entries = list(entries) if entries is not None else list(_FORMAT_ENTRIES)
-    hint = ('f"{PREAMBLE}\\n\\n### Instruction:\\n{entry[\'instruction\']}", plus f"\\n\\n### Input:\\n{entry[\'input\']}" '
-            "when entry.get('input') is not empty.")
+    hint = ("the preamble, a blank line, the instruction header on its own line and the instruction; then, only for a "
+            "non-empty input, a blank line, the input header on its own line and the input.")
     for entry in entries:
         case = f"entry {({k: entry[k] for k in ('instruction', 'input') if k in entry})!r}"
         expected = _ref_format_input(entry)
         got = _call(fn, dict(entry), what="format_input", case=case, hint=hint)
         if not isinstance(got, str):
-            raise AssertionError(_message(f"format_input: expected a str, got {type(got).__name__}.", case=case,
+            raise CheckFailed(_message(f"format_input: expected a str, got {type(got).__name__}.", case=case,
                                           hint="build the text and return it."))
         if got == expected:
             continue
@@ -63,7 +63,7 @@ def check_format_input(fn: Callable, *, entries: Sequence[dict[str, str]] | None
             cause = "the entry's input is missing: add '\\n\\n### Input:\\n' and the input when it is not empty."
         elif got.split() == expected.split():
             cause = "the words are right but the spacing is not: sections are separated by one blank line ('\\n\\n'), each header is followed by '\\n'."
-        raise AssertionError(_message("format_input: wrong text.", case=case, lines=lines, cause=cause, hint=hint))
+        raise CheckFailed(_message("format_input: wrong text.", case=case, lines=lines, cause=cause, hint=hint))
 
 
 # --- batches: padding, shifting, masking ----------------------------------------------
@@ -91,7 +91,7 @@ def check_instruction_collate(
     exp_in, exp_tg = _ref_instruction_collate([list(b) for b in batch], **kwargs)
     got = _call(fn, [list(b) for b in batch], what="your collate function", case=case, **kwargs)
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise AssertionError(_message("your collate function must return (inputs, targets).", case=case))
+        raise CheckFailed(_message("your collate function must return (inputs, targets).", case=case))
     got_in, got_tg = got
     for what, g_t, e_t in (("inputs", got_in, exp_in), ("targets", got_tg, exp_tg)):
         check_shape(g_t, e_t.shape, name=what, case=case)
@@ -105,7 +105,7 @@ def check_instruction_collate(
                     cause = "the targets are not shifted: target j must be input j + 1."
                 elif ((g_t == ignore_index) | (g_t == pad_token_id)).sum() == ((e_t == ignore_index) | (e_t == pad_token_id)).sum():
                     cause = f"the first padding token after each text must stay a target ({pad_token_id}, 'stop here'); only the later ones become {ignore_index}."
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 f"{what}: wrong values in row {row}.", case=case,
                 lines=[f"expected {e_t[row].tolist()}", f"got      {g_t[row].tolist()}"], cause=cause,
                 hint=f"pad every example with {pad_token_id} to the longest length + 1; inputs drop the last column, "
@@ -144,11 +144,20 @@ def check_collate_masks(
             f"{f', token {pad_token_id} inside the first text' if eot_inside else ''}, allowed_max_length={allowed_max_length}")
     kwargs = dict(pad_token_id=pad_token_id, ignore_index=ignore_index, allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
     exp_in, exp_tg = _ref_instruction_collate(copy.deepcopy(batch), **kwargs)
+    plain_tg = _ref_instruction_collate([list(x) for x in ids], pad_token_id, ignore_index, allowed_max_length)[1]
+    if mask_prompt:  # judge only what the flag changes: your own mask_prompt=False output, prompts masked
+        own = _own_plain_collate(fn, ids, {**kwargs, "mask_prompt": False}, exp_in.shape)
+        if own is not None:
+            exp_in, plain_tg = own
+            exp_tg = plain_tg.clone()
+            for r, (_, p) in enumerate(batch):
+                exp_tg[r, : max(p - 1, 0)] = ignore_index
+            case += " (expected: your output for mask_prompt=False with the prompt targets masked)"
     got = _call(fn, copy.deepcopy(batch), what="your collate function", case=case, **kwargs)
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise AssertionError(_message("your collate function must return (inputs, targets).", case=case))
-    hint = ("mask by position: for an example of n tokens, targets n-1 (the first end-of-text) stays, later ones are "
-            f"{ignore_index}; with mask_prompt, also targets[:prompt_length - 1] = {ignore_index}.")
+        raise CheckFailed(_message("your collate function must return (inputs, targets).", case=case))
+    hint = ("mask by position: for an example of n tokens, target n-1 (the first end-of-text) stays, the later ones are "
+            f"{ignore_index}; with mask_prompt, the first prompt_length - 1 targets are {ignore_index} as well.")
     for what, g_t, e_t in (("inputs", got[0], exp_in), ("targets", got[1], exp_tg)):
         check_shape(g_t, e_t.shape, name=what, case=case)
         if torch.equal(g_t.long(), e_t):
@@ -156,7 +165,6 @@ def check_collate_masks(
         row = int((g_t.long() != e_t).any(dim=1).nonzero()[0])
         cause = None
         if what == "targets":
-            plain_in, plain_tg = _ref_instruction_collate([list(x) for x in ids], pad_token_id, ignore_index, allowed_max_length)
             if mask_prompt and torch.equal(g_t.long(), plain_tg):
                 cause = "the prompt was not masked: with mask_prompt=True, set the prompt's targets to the ignore index."
             elif eot_inside and bool((g_t.long()[0] == ignore_index).sum() > (e_t[0] == ignore_index).sum()):
@@ -171,6 +179,19 @@ def check_collate_masks(
                         variant[r, : max(p - 1 + shift, 0)] = ignore_index
                     if torch.equal(g_t.long(), variant):
                         cause = why
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{what}: wrong values in row {row}.", case=case,
             lines=[f"expected {e_t[row].tolist()}", f"got      {g_t[row].tolist()}"], cause=cause, hint=hint))
+
+
+def _own_plain_collate(fn: Callable, ids: list[list[int]], kwargs: dict, shape: torch.Size) -> tuple | None:
+    """The student's (inputs, targets) for the same texts without prompt masking, if it gives a valid pair
+    of the expected shape; None otherwise (then the reference's output is the yardstick)."""
+    try:
+        got = fn([list(x) for x in ids], **kwargs)
+    except Exception:  # graded by the check without mask_prompt, not here
+        return None
+    if (isinstance(got, (tuple, list)) and len(got) == 2
+            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) for t in got)):
+        return got[0].long(), got[1].long()
+    return None

@@ -14,6 +14,11 @@ Every assignment module builds on these pieces:
   exceptions (``NotImplementedError`` included) into an ``AssertionError`` that says
   where; ``_seeded(seed)`` runs a block with the global random state seeded and
   restored; ``_one_thread`` runs a check on one CPU thread.
+* **Failures**: :class:`CheckFailed`, an ``AssertionError`` that Jupyter shows as its
+  message alone (no traceback into ``course_utils``, no grader source).
+* **Isolation**: ``_swapped_names(student, {"GELU": reference_gelu, ...})`` lets a
+  composite component run on the reference sub-components while it is graded, so a
+  mistake in a sub-component costs only that sub-component's points.
 * **Comparisons**: :func:`check_shape`, :func:`check_tensor_close` (index, values,
   tolerance, and a matching known mistake from ``diagnoses``), :func:`check_function`
   (a student's function against the reference on labelled cases), and for single
@@ -24,14 +29,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "CheckFailed",
     "Tolerance",
     "default_tolerance",
     "seeded_randn",
@@ -39,6 +47,34 @@ __all__ = [
     "check_tensor_close",
     "check_function",
 ]
+
+
+# --- failures -------------------------------------------------------------------------
+
+
+class CheckFailed(AssertionError):
+    """A failed check: an ``AssertionError`` whose message is all a student sees.
+
+    IPython calls ``_render_traceback_`` instead of printing a traceback, so the cell
+    shows the message (what failed, on which input, expected against got, a hint) and
+    not the grader's frames or source lines. nbgrader stores those lines as the error's
+    traceback, so the feedback HTML carries the same message.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [f"\x1b[0;31mTest failed:\x1b[0m {self.args[0] if self.args else ''}"]
+        cause = self.__cause__
+        if cause is not None and not isinstance(cause, CheckFailed):
+            # where the student's code raised: their frames only, never the grader's
+            frames = [f for f in traceback.extract_tb(cause.__traceback__) if not f.filename.startswith(_PACKAGE_DIR)]
+            if frames:
+                lines.append("  Where your code raised it:")
+                lines.extend(line.rstrip("\n") for line in traceback.format_list(frames[-3:]))
+                lines.append("".join(traceback.format_exception_only(type(cause), cause)).rstrip("\n"))
+        return lines
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # course_utils/
 
 
 # --- tolerances and inputs ------------------------------------------------------------
@@ -68,6 +104,39 @@ def default_tolerance(dtype: torch.dtype = torch.float32) -> Tolerance:
     if dtype in (torch.float16, torch.bfloat16):
         return Tolerance(1e-2, 1e-2)
     return Tolerance(1e-5, 1e-4)
+
+
+def number_tolerance(dtype: torch.dtype = torch.float64) -> Tolerance:
+    """Tolerance for a single number computed by a short formula in ``dtype``.
+
+    About a hundred units in the last place, relative: float64 1e-12 + 1e-10, float32
+    1e-9 + 1e-5 (a float32 formula is off by about 1e-7), half precision 1e-4 + 1e-2.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return Tolerance(1e-4, 1e-2)
+    if dtype == torch.float32:
+        return Tolerance(1e-9, 1e-5)
+    return Tolerance(1e-12, 1e-10)
+
+
+def _computed_dtype(values: Iterable[Any]) -> torch.dtype:
+    """The precision student numbers were computed in: a tensor's dtype, else float32 when every
+    value is exactly a float32 number (a float32 result turned into a Python float), else float64."""
+    values = list(values)
+    dtypes = {v.dtype for v in values if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}
+    for low in (torch.float16, torch.bfloat16, torch.float32):
+        if low in dtypes:
+            return low
+    floats = [float(v) for v in values if isinstance(v, (float, torch.Tensor)) and not isinstance(v, bool)]
+    floats = [f for f in floats if math.isfinite(f) and f != 0.0]
+    if floats and all(float(torch.tensor(f, dtype=torch.float32)) == f for f in floats) and not all(
+            f == int(f) for f in floats):
+        return torch.float32
+    return torch.float64
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def seeded_randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
@@ -136,16 +205,16 @@ def _call(fn: Callable, *args: Any, what: str, case: str | None = None, hint: st
     try:
         return fn(*args, **kwargs)
     except NotImplementedError as exc:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{what} is not implemented yet (it raised NotImplementedError).",
             case=case, hint="replace the `raise NotImplementedError()` line with your code.",
         )) from exc
     except AssertionError:
         raise
     except Exception as exc:  # the student's bug, reported with the input that triggered it
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{what} raised {_describe_exception(exc)}",
-            case=case, hint=hint or "read the traceback above this message to find the failing line.",
+            case=case, hint=hint or "the lines of your code where it happened are shown below this message.",
         )) from exc
 
 
@@ -173,6 +242,70 @@ def _one_thread(check: Callable) -> Callable:
     return wrapper
 
 
+# --- isolation: grading a component on the reference sub-components ------------------
+
+
+def _namespace_of(student: Any) -> dict | None:
+    """The global namespace student code looks its names up in (a notebook's, for notebook code)."""
+    fn = student
+    if isinstance(student, type):
+        fn = None
+        for cls in student.__mro__:
+            if cls.__module__.startswith(("torch", "builtins", "course_utils")):
+                break
+            fn = next((v for v in vars(cls).values() if hasattr(getattr(v, "__func__", v), "__globals__")), None)
+            if fn is not None:
+                break
+    fn = getattr(fn, "__func__", fn)
+    fn = getattr(fn, "func", fn)  # functools.partial
+    namespace = getattr(fn, "__globals__", None)
+    return namespace if isinstance(namespace, dict) else None
+
+
+@contextmanager
+def _swapped_names(student: Any, replacements: dict[str, Any]) -> Iterator[list[str]]:
+    """While the block runs, the names in ``replacements`` that the student's namespace defines
+    point to the reference implementations; yields the names swapped. Restored afterwards.
+
+    A composite component (a block built from the student's LayerNorm, a loss over a loader
+    calling the student's batch loss) then runs on the reference parts, so a mistake in a part
+    is graded once, where the part is graded.
+    """
+    namespace = _namespace_of(student)
+    saved: dict[str, Any] = {}
+    if namespace is not None:
+        for name, value in replacements.items():
+            # never the graded object itself: its own code may name it (super(FeedForward, self))
+            if name in namespace and namespace[name] is not value and namespace[name] is not student:
+                saved[name] = namespace[name]
+                namespace[name] = value
+    try:
+        yield sorted(saved)
+    finally:
+        if namespace is not None:
+            namespace.update(saved)
+
+
+def _grades_on(replacements: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """Decorate a check: while it runs, the student's namespace uses ``replacements`` (see
+    :func:`_swapped_names`) for the names the notebook gives the sub-components."""
+
+    def decorate(check: Callable) -> Callable:
+        @functools.wraps(check)
+        def wrapper(student: Any, *args: Any, **kwargs: Any) -> Any:
+            with _swapped_names(student, replacements):
+                return check(student, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _is_own_class(module: Any) -> bool:
+    """Whether a module's class was written by the student (not torch's, not the course's)."""
+    return not type(module).__module__.startswith(("torch", "course_utils"))
+
+
 # --- comparing tensors ----------------------------------------------------------------
 
 
@@ -184,7 +317,7 @@ def check_shape(got: Any, expected_shape: Sequence[int] | None, *, name: str = "
     """Fail unless ``got`` is a tensor of exactly ``expected_shape`` (any shape when None)."""
     if not isinstance(got, torch.Tensor):
         shape = f" of shape {_fmt_shape(expected_shape)}" if expected_shape is not None else ""
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: expected a torch.Tensor{shape}, got {type(got).__name__}.",
             case=case, hint=hint or "return a tensor (did you forget a `return`?).",
         ))
@@ -192,7 +325,7 @@ def check_shape(got: Any, expected_shape: Sequence[int] | None, *, name: str = "
         lines = [f"expected shape {_fmt_shape(expected_shape)}, got {_fmt_shape(got.shape)}"]
         if sorted(got.shape) == sorted(expected_shape):
             lines.append("the sizes are right but in another order: check your transpose/view/permute calls")
-        raise AssertionError(_message(f"{name}: wrong shape.", case=case, lines=lines, hint=hint))
+        raise CheckFailed(_message(f"{name}: wrong shape.", case=case, lines=lines, hint=hint))
 
 
 def _matches(got: torch.Tensor, candidate: Any, tol: Tolerance) -> bool:
@@ -235,7 +368,7 @@ def check_tensor_close(
     check_shape(got, expected.shape, name=name, case=case, hint=hint)
     got = got.detach()
     if check_dtype and got.dtype != expected.dtype:
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: expected dtype {expected.dtype}, got {got.dtype}.", case=case,
             hint="keep the input's dtype: build new tensors from the input (e.g. torch.ones_like, "
                  "x.new_zeros) or pass dtype=x.dtype, and do not call .float()/.long() on results.",
@@ -263,7 +396,7 @@ def check_tensor_close(
     if torch.isnan(got_c).any() and not torch.isnan(exp_c).any():
         lines.append("your output contains NaN (e.g. a softmax over a row that is all -inf, or 0/0)")
     cause = _diagnose(got, diagnoses, tol) if diagnoses else None
-    raise AssertionError(_message(f"{name}: values differ from the reference.", case=case, lines=lines,
+    raise CheckFailed(_message(f"{name}: values differ from the reference.", case=case, lines=lines,
                                   cause=cause, hint=hint))
 
 
@@ -293,7 +426,7 @@ def check_function(
         expected = _as_tuple(reference_fn(*_clone_args(args)))
         got = _as_tuple(_call(student_fn, *_clone_args(args), what=name, case=label))
         if len(got) != len(expected):
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 f"{name}: expected {len(expected)} return value(s), got {len(got)}.", case=label, hint=hint))
         for i, (g, e) in enumerate(zip(got, expected)):
             part = name if len(expected) == 1 else f"{name} (return value {i})"
@@ -315,12 +448,12 @@ def _as_number(value: Any, *, name: str, case: str | None, hint: str | None = No
     """A Python float from a number or a one-element tensor; anything else fails."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise AssertionError(_message(
+            raise CheckFailed(_message(
                 f"{name}: expected a single number, got a tensor of shape {_fmt_shape(value.shape)}.",
                 case=case, hint=hint or "reduce to one number (a mean), and return it."))
         return float(value.detach().double())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: expected a number, got {type(value).__name__}.", case=case,
             hint=hint or "return the number (did you forget a `return`?)."))
     return float(value)
@@ -343,7 +476,7 @@ def _check_number(got: float, expected: float, *, name: str, case: str | None, t
             cause = next((why for value, why in variants() if _close(got, value, tol)), None)
         except Exception:  # a diagnosis is a bonus
             cause = None
-    raise AssertionError(_message(
+    raise CheckFailed(_message(
         f"{name}: wrong value.", case=case,
         lines=[f"expected {_fmt_num(expected)}, got {_fmt_num(got)} (tolerance {tol})", *lines],
         cause=cause, hint=hint))

@@ -14,7 +14,11 @@ The class:
   ``looper`` (the last exercise's code cell loops forever before defining anything), ``crasher`` (a code cell
   kills the kernel with ``os._exit``), ``cheater`` (leaves the last exercise
   undone, rewrites its locked test to print "passed" and deletes the first test
-  cell), ``flooder`` (correct, but prints 200,000 lines), ``malformed`` (the file is
+  cell), ``flooder`` (correct, but prints 200,000 lines), ``partial`` (leaves the first
+  exercise undone: its test fails with a short message), ``saboteur`` (all four cell faults
+  in one notebook: floods output in the first solution, kills the kernel in a cell of
+  its own after it, deletes the first test cell, loops forever in the last solution and
+  rewrites the last test to print "passed"), ``malformed`` (the file is
   not JSON) and ``absent`` (hands in a folder without the notebook).
 
 The pipeline tests (``tests/grading/test_pipeline.py``) build their class with the
@@ -36,7 +40,8 @@ from pathlib import Path
 import nbformat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # course_utils/grading/demo.py -> the repository
-FAULTY_KINDS = ("looper", "crasher", "cheater", "flooder", "malformed", "absent")
+FAULTY_KINDS = ("looper", "crasher", "cheater", "flooder", "saboteur", "partial", "malformed", "absent")
+FILE_FAULTS = ("malformed", "absent")  # faults of the handed-in file, not of its cells
 
 
 # --- the course directory ----------------------------------------------------------------
@@ -103,6 +108,18 @@ def faulty_notebook(kind: str, source_nb: Path, release_nb: Path) -> str | None:
                                     if c.metadata.get("nbgrader", {}).get("grade_id") == last_id)
         tests[-1].source = 'print("all tests passed")'
         nb.cells.remove(tests[0])
+    elif kind == "saboteur":
+        solutions[0].source += "\n\nfor i in range(200_000):\n    print('debugging line', i)\n"
+        crash = nbformat.v4.new_code_cell("import os\nos._exit(1)  # the kernel dies here")
+        nb.cells.insert(nb.cells.index(solutions[0]) + 1, crash)
+        solutions[-1].source = "while True:  # never finishes\n    pass\n\n" + solutions[-1].source
+        tests[-1].source = 'print("all tests passed")'
+        nb.cells.remove(tests[0])
+    elif kind == "partial":
+        stub = nbformat.read(release_nb, as_version=4)
+        first_id = solutions[0].metadata["nbgrader"]["grade_id"]
+        solutions[0].source = next(c.source for c in stub.cells
+                                   if c.metadata.get("nbgrader", {}).get("grade_id") == first_id)
     elif kind == "flooder":
         solutions[0].source += "\n\nfor i in range(200_000):\n    print('debugging line', i)\n"
     elif kind == "malformed":
@@ -126,8 +143,9 @@ def submit(course_dir: Path, student: str, assignment: str, notebooks: dict[str,
 
 
 def make_class(course_dir: Path, assignments: Sequence[str], faulty_on: Sequence[str] = ("ch03",),
-               faulty_kinds: Sequence[str] = FAULTY_KINDS) -> list[str]:
-    """Hand in work for ``solver`` and ``blank`` on every assignment, and faulty students on ``faulty_on``."""
+               faulty_kinds: Sequence[str] = FAULTY_KINDS, file_faults_on: Sequence[str] | None = None) -> list[str]:
+    """Hand in work for ``solver`` and ``blank`` on every assignment, and faulty students on ``faulty_on``
+    (the file faults, malformed and absent, only on ``file_faults_on`` when it is given)."""
     course_dir = Path(course_dir)
     students = ["solver", "blank"]
     for assignment in assignments:
@@ -137,6 +155,8 @@ def make_class(course_dir: Path, assignments: Sequence[str], faulty_on: Sequence
             submit(course_dir, "blank", assignment, {source.stem: release.read_text()})
             if assignment in faulty_on:
                 for kind in faulty_kinds:
+                    if kind in FILE_FAULTS and file_faults_on is not None and assignment not in file_faults_on:
+                        continue
                     submit(course_dir, kind, assignment, {source.stem: faulty_notebook(kind, source, release)})
     if faulty_on:
         students += list(faulty_kinds)

@@ -6,16 +6,22 @@
 * ``_token_pairs`` and :func:`token_loader`: random (input, target) token sequences,
   the targets shifted by one, in a fixed-order ``DataLoader`` whose last batch may be
   short.
+* ``_masked_copy``: a loader's batches with about a third of the targets -100;
+  ``_AdamWKeepingGrads`` (AdamW without ``zero_grad``) and ``_no_random_state_kept``, for
+  the training loop's diagnoses.
 * ``DEVICE``: the checks run where the grader runs, on the CPU.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..data import IGNORE_INDEX
 from ..gpt import GPTConfig
 from ..gpt import GPTModel as _RefGPTModel
 from .core import _seeded, _seeded_ints
@@ -62,3 +68,25 @@ def token_loader(vocab_size: int, num_sequences: int, num_tokens: int, batch_siz
     # a private generator: even an unshuffled loader draws a seed for each pass over it
     return DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=False, drop_last=False,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def _masked_copy(loader: DataLoader, seed: int) -> DataLoader:
+    """The same batches with about a third of the targets set to -100 (each sequence keeps one)."""
+    inputs, targets = loader.dataset.tensors
+    g = torch.Generator().manual_seed(seed)
+    drop = torch.rand(targets.shape, generator=g) < 0.35
+    drop[:, 0] = False
+    return DataLoader(TensorDataset(inputs, targets.masked_fill(drop, IGNORE_INDEX)), batch_size=loader.batch_size,
+                      shuffle=False, drop_last=False, generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def _no_random_state_kept(*args: Any, **kwargs: Any) -> Iterator[None]:
+    yield
+
+
+class _AdamWKeepingGrads(torch.optim.AdamW):
+    """AdamW whose zero_grad does nothing: the loop a student gets without zero_grad."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None

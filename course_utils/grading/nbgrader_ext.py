@@ -10,6 +10,9 @@ zero, the rest run on) and adds two things nbgrader 0.9 lacks:
   fresh kernel re-runs the notebook with that cell skipped, and the cells after it
   are graded normally. After ``max_kernel_restarts`` crashes the remaining cells are
   marked as not run (scoring zero).
+* **Demo cells cost no grading time.** A code cell tagged ``demo`` (one that only shows
+  things: a training run, a generated text) and carrying no nbgrader metadata is not
+  run; its output says so. Solution and test cells always run, whatever their tags.
 * **Output is capped while it arrives.** A cell printing in a loop would hold every
   line in memory until nbgrader's ``LimitOutput`` trims it afterwards; here a cell's
   stream output stops growing after ``max_output_chars`` characters, with a note.
@@ -28,6 +31,14 @@ from traitlets import Integer
 from nbgrader.preprocessors import Execute
 
 CRASH_ENAME = "KernelDied"
+DEMO_TAG = "demo"
+DEMO_NOTE = "(a demo cell, tagged 'demo': not run while grading)\n"
+
+
+def is_demo_cell(cell: NotebookNode) -> bool:
+    """A code cell tagged ``demo`` that is neither a solution nor a test cell."""
+    return (cell.cell_type == "code" and DEMO_TAG in cell.metadata.get("tags", [])
+            and not cell.metadata.get("nbgrader", {}).get("grade") and not cell.metadata.get("nbgrader", {}).get("solution"))
 
 
 def _error_output(ename: str, evalue: str) -> NotebookNode:
@@ -73,6 +84,10 @@ class RobustExecute(Execute):
         self._current_index = index
         if index in self._skip:
             cell.outputs = [copy.deepcopy(self._skip[index])]
+            cell.execution_count = None
+            return cell, resources
+        if is_demo_cell(cell):
+            cell.outputs = [NotebookNode(output_type="stream", name="stdout", text=DEMO_NOTE)]
             cell.execution_count = None
             return cell, resources
         self._chars_kept = 0

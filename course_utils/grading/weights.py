@@ -17,7 +17,11 @@ matched in this order:
    as ``x @ W`` and is transposed.
 3. **Fused projections**: one weight of shape (3 * d_out, d_in) (an
    ``nn.Linear(d_in, 3 * d_out)`` of any name) stands for the query, key and value
-   projections, in that order; a fused bias likewise.
+   projections; a fused bias likewise. Its rows may be laid out in any order of the
+   three axes (which of q/k/v, which head, which element of the head): ``[Q; K; V]``
+   blocks (``qkv_layout=("qkv", "head", "dim")``, tried first), or per head, each head's
+   q, k and v side by side (``("head", "qkv", "dim")``), and so on;
+   :data:`QKV_LAYOUTS` lists them, and the module check tries each.
 4. **By order**: the parameters still unmatched are paired in the order the
    modules create them (registration order) and must agree in shape (a bare
    parameter may be the transpose of an ``nn.Linear`` weight).
@@ -34,9 +38,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import _fmt_shape, _message
+from .core import CheckFailed, _fmt_shape, _message
 
-__all__ = ["transfer_weights", "perturb_parameters"]
+__all__ = ["transfer_weights", "perturb_parameters", "QKV_LAYOUTS"]
+
+# the orders in which a fused projection's rows may hold (q/k/v, head, element of the head)
+QKV_LAYOUTS = (("qkv", "head", "dim"), ("head", "qkv", "dim"), ("head", "dim", "qkv"), ("qkv", "dim", "head"),
+               ("dim", "qkv", "head"), ("dim", "head", "qkv"))
+
+
+def _split_fused(t: torch.Tensor, layout: Sequence[str], num_heads: int) -> list[torch.Tensor]:
+    """Query, key and value parts of a fused (3 * d_out, ...) tensor whose rows follow ``layout``."""
+    d_out = t.shape[0] // 3
+    sizes = {"qkv": 3, "head": num_heads, "dim": d_out // num_heads}
+    rest = tuple(t.shape[1:])
+    grid = t.reshape(*(sizes[a] for a in layout), *rest)
+    order = [list(layout).index(a) for a in ("qkv", "head", "dim")] + list(range(3, 3 + len(rest)))
+    parts = grid.permute(*order).reshape(3, d_out, *rest)
+    return [parts[0], parts[1], parts[2]]
 
 
 _ALIASES = {"scale": ("weight", "gamma", "g"), "shift": ("bias", "beta", "b")}
@@ -71,7 +90,8 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def transfer_weights(student: nn.Module, reference: nn.Module, *, name: str = "your module", hint: str | None = None) -> list[tuple[str, str]]:
+def transfer_weights(student: nn.Module, reference: nn.Module, *, name: str = "your module", hint: str | None = None,
+                     qkv_layout: Sequence[str] = QKV_LAYOUTS[0], num_heads: int = 1) -> list[tuple[str, str]]:
     """Copy the student's parameters into ``reference`` (see the module docstring for the rules).
 
     Returns the pairs ``(student parameter, reference parameter)`` that were matched;
@@ -79,11 +99,12 @@ def transfer_weights(student: nn.Module, reference: nn.Module, *, name: str = "y
     """
     pairs: list[tuple[str, str]] = []
     with torch.no_grad():
-        _transfer_group(student, reference, "", pairs, name, hint)
+        _transfer_group(student, reference, "", pairs, name, hint, (tuple(qkv_layout), num_heads))
     return pairs
 
 
-def _transfer_group(student: nn.Module, reference: nn.Module, prefix: str, pairs: list, name: str, hint: str | None) -> None:
+def _transfer_group(student: nn.Module, reference: nn.Module, prefix: str, pairs: list, name: str, hint: str | None,
+                    fused: tuple) -> None:
     s_children = dict(student.named_children())
     r_children = dict(reference.named_children())
     shared = {
@@ -92,13 +113,14 @@ def _transfer_group(student: nn.Module, reference: nn.Module, prefix: str, pairs
     }
     for n in r_children:  # in the reference's order
         if n in shared:
-            _transfer_group(s_children[n], r_children[n], f"{prefix}{n}.", pairs, name, hint)
+            _transfer_group(s_children[n], r_children[n], f"{prefix}{n}.", pairs, name, hint, fused)
     s_items = _param_list(student, shared)
     r_items = _param_list(reference, shared)
-    _match_flat(s_items, r_items, prefix, pairs, name, hint)
+    _match_flat(s_items, r_items, prefix, pairs, name, hint, fused)
 
 
-def _match_flat(s_items: list, r_items: list, prefix: str, pairs: list, name: str, hint: str | None) -> None:
+def _match_flat(s_items: list, r_items: list, prefix: str, pairs: list, name: str, hint: str | None,
+                fused: tuple = (QKV_LAYOUTS[0], 1)) -> None:
     s_left = list(s_items)
     r_left = list(r_items)
     s_by_name = {n: (n, p, lin) for n, p, lin in s_items}
@@ -152,11 +174,11 @@ def _match_flat(s_items: list, r_items: list, prefix: str, pairs: list, name: st
                 parts = None
                 if kind == "weight" and s_p.dim() == 2:
                     if tuple(s_p.shape) == (3 * r_shape[0], r_shape[1]) and (s_lin or r_shape[0] * 3 != r_shape[1]):
-                        parts = s_p.chunk(3, dim=0)
+                        parts = _split_fused(s_p, *fused)
                     elif tuple(s_p.shape) == (r_shape[1], 3 * r_shape[0]) and not s_lin:
-                        parts = [c.T for c in s_p.chunk(3, dim=1)]
+                        parts = _split_fused(s_p.T, *fused)
                 elif kind == "bias" and s_p.dim() == 1 and s_p.shape[0] == 3 * r_shape[0]:
-                    parts = s_p.chunk(3, dim=0)
+                    parts = _split_fused(s_p, *fused)
                 if parts is not None:
                     for r_entry, part, q in zip(entries, parts, _QKV):
                         assign(r_entry, part, f"{s_name}[{q}]")
@@ -179,7 +201,7 @@ def _match_flat(s_items: list, r_items: list, prefix: str, pairs: list, name: st
         default_hint = ("create the layers the exercise lists, with the attribute names and shapes it gives "
                         "(and bias=qkv_bias for the query/key/value projections); "
                         "parameters must be nn.Parameter or belong to nn.Linear/nn.Embedding layers.")
-        raise AssertionError(_message(
+        raise CheckFailed(_message(
             f"{name}: cannot match your module's parameters with the reference's{where}.",
             lines=lines, hint=hint or default_hint,
         ))

@@ -106,7 +106,12 @@ def make_mha(mistake: str | None = None, fused: bool = False):
 
         def forward(self, x):
             b, t, _ = x.shape
-            if fused:
+            if fused == "per_head":  # each head's q, k and v side by side
+                q, k, v = self.qkv(x).unflatten(-1, (self.h, 3, self.hd)).unbind(-2)
+                q, k, v = (z.flatten(-2) for z in (q, k, v))
+            elif fused == "interleaved":  # q, k, v of each element side by side
+                q, k, v = self.qkv(x).unflatten(-1, (self.h * self.hd, 3)).unbind(-1)
+            elif fused:
                 q, k, v = self.qkv(x).chunk(3, dim=-1)
             else:
                 q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
@@ -192,7 +197,8 @@ CASES = {
                right("by_hand", make_mha()), right("fused", make_mha(fused=True))]
         + [right(f"{name}-3_heads_float64", cls, d_in=4, d_out=12, num_heads=3, batch_size=1, num_tokens=5, context_length=9,
                  qkv_bias=True, seed=5, dtype=torch.float64)
-           for name, cls in (("reference", MultiHeadAttention), ("fused", make_mha(fused=True)))],
+           for name, cls in (("reference", MultiHeadAttention), ("fused", make_mha(fused=True)),
+                             ("fused_per_head", make_mha(fused="per_head")), ("fused_interleaved", make_mha(fused="interleaved")))],
         wrong=[wrong(mistake, make_mha(mistake), "MultiHeadAttention", *words) for mistake, words in (
             ("split", ["view as (b, T, num_heads, head_dim)"]),
             ("scale_d_out", ["sqrt(head_dim)"]),

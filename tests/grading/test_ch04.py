@@ -108,6 +108,7 @@ class Tied(GPTModel):
 
 
 def greedy(mistake=None):
+    @torch.no_grad()
     def fn(model, idx, max_new_tokens, context_size):
         for _ in range(max_new_tokens):
             window = {"no_crop": idx, "first_tokens": idx[:, :context_size]}.get(mistake, idx[:, -context_size:])
@@ -121,7 +122,7 @@ def greedy(mistake=None):
             return idx[:, -max_new_tokens:]
         return idx
 
-    return fn
+    return fn if mistake != "grad_on" else fn.__wrapped__
 
 
 GREEDY_SETTINGS = {"default": {}, "cropped": dict(batch_size=3, prompt_length=2, max_new_tokens=9, context_size=5, seed=3),
@@ -179,7 +180,8 @@ CASES = {
                wrong("first_tokens", greedy("first_tokens"), "idx[:, -context_size:]"),
                wrong("no_crop", greedy("no_crop"), "raised", "context_size", prompt_length=10, max_new_tokens=6, context_size=12),
                wrong("sample", greedy("sample"), "differ from greedy decoding"),
-               wrong("new_tokens_only", greedy("new_tokens_only"), "wrong shape", "prompt followed by the new tokens")],
+               wrong("new_tokens_only", greedy("new_tokens_only"), "wrong shape", "prompt followed by the new tokens"),
+               wrong("grad_on", greedy("grad_on"), "gradients switched on", "torch.no_grad()")],
     ),
 }
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from course_utils import generate, train
 from course_utils.grading import ch05
 
+from .handin_cases import TRAIN
 from .helpers import Cases, leaves_state_alone, registry_tests, right, stub, wrong
 
 
@@ -71,6 +72,18 @@ def loader_loss_islice(data_loader, model, device, num_batches=None):
     return total / count if count else torch.tensor(float("nan"))
 
 
+def _loader_loss_with_grad(data_loader, model, device, num_batches=None):
+    """Wrong: right numbers, but the model runs with gradients on (the exercise asks for no_grad)."""
+    n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total, count = 0.0, 0
+    for x, y in itertools.islice(data_loader, n):
+        k = int((y != -100).sum())
+        total += train.calc_loss_batch(x, y, model, device).item() * k
+        count += k
+    return total / count if count else float("nan")
+
+
+
 def make_loader_loss(mistake):
     def fn(data_loader, model, device, num_batches=None):
         losses, weights = [], []
@@ -92,6 +105,17 @@ def make_loader_loss(mistake):
             return sum(l * w for l, w in zip(losses, weights))
         return sum(l * w for l, w in zip(losses, weights)) / sum(weights)
     return fn
+
+
+def _notebook_loop(eval_mode="model.eval()", train_mode="model.train()"):
+    """A loop as a notebook defines it: calling `calc_loss_batch` and `calc_loss_loader` by name (here the
+    student's broken batch loss, which the check replaces by the reference). With drop_rate 0 a mode slip
+    changes no number; the check sees it all the same."""
+    source = TRAIN.format(eval_mode=eval_mode, zero="optimizer.zero_grad()").replace("model.train()", train_mode)
+    namespace = {"torch": torch, "calc_loss_batch": lambda x, y, m, d: 2 * train.calc_loss_batch(x, y, m, d),
+                 "calc_loss_loader": lambda *a, **k: 0.0}
+    exec(source, namespace)
+    return namespace["train_language_model"]
 
 
 def make_loop(mistake=None):
@@ -281,7 +305,8 @@ CASES = {
                wrong("not_divided", make_loader_loss("not_divided"), "not divided"),
                wrong("zero_when_empty", make_loader_loss("zero_when_empty"), "NaN", empty=True),
                wrong("divides_by_zero", make_loader_loss(None), "ZeroDivisionError", empty=True),
-               wrong("list", lambda *a: [1.0], "expected a number", "list")],
+               wrong("list", lambda *a: [1.0], "expected a number", "list"),
+               wrong("grad_on", _loader_loss_with_grad, "gradients switched on", "torch.no_grad()")],
     ),
     "check_train_loop": Cases(
         right=[right(f"{name}-{label}", fn, **kw) for name, fn in (("package", package_loop), ("by_hand", make_loop()))
@@ -296,7 +321,9 @@ CASES = {
             ("no_eval_mode", ["model.eval()"], {"drop_rate": 0.2}),
             ("no_train_after", ["model.train() again"], {"drop_rate": 0.2}),
             ("tuple", ["expected a dict"], {}),
-        )] + [wrong("fixed_token_count", loop_counting_fixed_batches, "last batch is shorter"),
+        )] + [wrong("no_eval_mode_named", _notebook_loop(eval_mode="pass"), "measured in train mode", "model.eval()"),
+              wrong("no_train_mode_named", _notebook_loop(train_mode="pass"), "training step ran in eval mode"),
+              wrong("fixed_token_count", loop_counting_fixed_batches, "last batch is shorter"),
               wrong("extra_step", loop_with_an_extra_step, "the trained weights", "one optimizer step per training batch")],
     ),
     "check_sampling_probs": Cases(

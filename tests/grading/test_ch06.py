@@ -69,9 +69,10 @@ def accuracy_with_tensors(data_loader, model, device, num_batches=None):
 
 def make_accuracy(mistake):
     def fn(data_loader, model, device, num_batches=None):
-        model.eval()
+        if mistake != "no_eval":
+            model.eval()
         per_batch, correct, total = [], 0, 0
-        with torch.no_grad():
+        with torch.no_grad() if mistake != "grad_on" else torch.enable_grad():
             for i, (x, y) in enumerate(data_loader):
                 if mistake != "ignore" and num_batches is not None and i >= num_batches:
                     break
@@ -141,7 +142,9 @@ CASES = {
         wrong=[wrong("first", make_accuracy("first"), "FIRST position"),
                wrong("batch_mean", make_accuracy("batch_mean"), "per-batch accuracies"),
                wrong("percent", make_accuracy("percent"), "percent"),
-               wrong("ignore", make_accuracy("ignore"), "num_batches was ignored", num_batches=1)],
+               wrong("ignore", make_accuracy("ignore"), "num_batches was ignored", num_batches=1),
+               wrong("no_eval", make_accuracy("no_eval"), "train mode when it predicted", "model.eval()"),
+               wrong("grad_on", make_accuracy("grad_on"), "gradients switched on", "torch.no_grad()")],
     ),
     "check_classification_loss": Cases(
         right=[right(f"{name}-{label}", fn, **kw)

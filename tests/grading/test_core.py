@@ -100,3 +100,58 @@ CASES = {
 }
 
 test_correct_passes, test_mistake_fails, test_early_return_is_caught = registry_tests(core, CASES)
+
+
+# --- brief messages -------------------------------------------------------------------------------
+
+
+def _failure_of(run) -> core.CheckFailed:
+    try:
+        run()
+    except core.CheckFailed as failure:
+        return failure
+    raise AssertionError("no CheckFailed raised")
+
+
+def test_a_failed_check_renders_as_its_message_alone():
+    """IPython shows ``_render_traceback_``'s lines instead of a traceback: no grader frames, no grader source."""
+    failure = _failure_of(lambda: check_tensor_close(torch.ones(3), torch.zeros(3), name="thing", hint="look at it"))
+    assert isinstance(failure, AssertionError)  # pytest.raises(AssertionError) and nbgrader see a failure
+    shown = "\n".join(failure._render_traceback_())
+    assert "thing: values differ" in shown and "Hint: look at it" in shown
+    assert "course_utils" not in shown and "File " not in shown and "check_tensor_close" not in shown
+
+
+def test_an_exception_in_student_code_shows_the_students_lines_only():
+    def students_function(x):
+        return x[99]  # an IndexError in the student's own code
+
+    failure = _failure_of(lambda: _call(students_function, [1], what="my function", case="a list of one"))
+    shown = "\n".join(failure._render_traceback_())
+    assert "my function raised IndexError" in shown
+    assert "students_function" in shown and "x[99]" in shown  # where the student's code raised
+    assert "course_utils" not in shown and "_call" not in shown
+
+
+def test_composite_checks_grade_on_the_reference_parts_by_name():
+    namespace = {"part": lambda x: 2 * x}
+    exec("def whole(x):\n    return part(x) + 1\n", namespace)
+    with core._swapped_names(namespace["whole"], {"part": lambda x: x, "missing": None}) as swapped:
+        assert namespace["whole"](1) == 2 and swapped == ["part"] and "missing" not in namespace
+    assert namespace["whole"](1) == 3  # put back afterwards
+
+
+def test_tolerances_follow_the_dtype_the_student_computed_in():
+    assert core._computed_dtype([torch.tensor(0.1, dtype=torch.float32)]) == torch.float32
+    assert core._computed_dtype([float(torch.tensor(0.1, dtype=torch.float32))]) == torch.float32
+    assert core._computed_dtype([0.1, 0.25]) == torch.float64
+    assert core.number_tolerance(torch.float32).rtol > 1e-7 > core.number_tolerance(torch.float64).rtol
+
+
+def test_the_graded_component_keeps_its_own_name():
+    namespace = {"torch": torch}
+    exec("class FeedForward(torch.nn.Module):\n    def __init__(self):\n        super(FeedForward, self).__init__()\n",
+         namespace)
+    cls = namespace["FeedForward"]
+    with core._swapped_names(cls, {"FeedForward": torch.nn.Identity}) as swapped:
+        assert swapped == [] and isinstance(cls(), cls)

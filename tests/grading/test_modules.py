@@ -9,6 +9,9 @@ from course_utils.grading import modules
 from course_utils.grading.core import seeded_randn
 from course_utils.grading.modules import _build
 
+from course_utils.attention import MultiHeadAttention
+
+from .test_ch03 import make_mha
 from .helpers import Case, Cases, fails, registry_tests, stub
 
 X = seeded_randn(2, 4, 3, seed=1)
@@ -93,6 +96,10 @@ CASES = {
                Case("no_perturbation", compare(nn.Linear, perturb_seed=None))],
         wrong=[Case("shifted", compare(Shifted), ("Linear", "values differ")),
                Case("dropout_in_eval", compare(NoisyInEval), ("two calls in eval mode",)),
+               Case("fused_wrong", lambda check: check(make_mha("scale_d_out", fused=True)(6, 8, 8, 0.0, 2),
+                                                       MultiHeadAttention(6, 8, 8, 0.0, 2, use_sdpa=False),
+                                                       [("x", (seeded_randn(2, 5, 6, seed=3),))]),
+                    ("values differ", "fused query/key/value projection")),
                Case("other_parameters", lambda check: check(nn.Linear(3, 2, bias=False), nn.Linear(3, 2), [("x", (X,))]),
                     ("cannot match", "bias (2,)"))],
     ),
