@@ -180,3 +180,55 @@ def test_sanitizer_file_parses():
     for regex, replace in patterns:
         sanitized = re.sub(regex, replace, sanitized)
     assert sanitized == "any text", "a sanitizer pattern matches ordinary text"
+
+
+# --- starting from the site: a downloaded notebook installs what it imports ---------------
+
+GUARD_CHECK = 'importlib.util.find_spec("course_utils") is None'
+
+
+def repository_url() -> str:
+    return yaml.safe_load((REPO_ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]["url"]
+
+
+def _guard_of(path: Path) -> str:
+    first = cell_text(next(c for c in load(path)["cells"] if c["cell_type"] == "code"))
+    lines = first.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if "import importlib.util" in line), None)
+    assert start is not None and GUARD_CHECK in first, (
+        f"{path.name}: the first code cell must install the course package where it is missing "
+        f"(see tests/test_book.py: `if {GUARD_CHECK}: %pip install ...`)"
+    )
+    return "".join(lines[start:start + 3])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_first_cell_installs_the_course_package_only_where_missing(path, monkeypatch):
+    from IPython.core.inputtransformer2 import TransformerManager
+    import importlib.util
+
+    code = TransformerManager().transform_cell(_guard_of(path))  # %pip -> get_ipython().run_line_magic(...)
+    calls = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            calls.append((name, line))
+
+    exec(code, {"get_ipython": Shell})  # course_utils is installed here: nothing happens
+    assert calls == [], f"{path.name}: the guard ran pip although course_utils is installed"
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "course_utils" else real(name, *a))
+    exec(code, {"get_ipython": Shell})  # as on Colab
+    assert len(calls) == 1 and calls[0][0] == "pip", calls
+    assert f"git+{repository_url()}" in calls[0][1], f"{path.name}: installs from {calls[0][1]!r}, not the repository in _config.yml"
+
+
+def test_repository_url_is_the_one_of_config_everywhere():
+    url = repository_url()
+    assert url.startswith("https://github.com/"), "the launch buttons (Colab, Binder) need a GitHub repository"
+    for doc in ("README.md", "book/intro.md", "pyproject.toml"):
+        text = (REPO_ROOT / doc).read_text(encoding="utf-8")
+        found = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", text)) - {url}
+        assert url in text, f"{doc} does not name the repository {url}"
+        assert not found, f"{doc} names another repository: {sorted(found)}"

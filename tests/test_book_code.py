@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
 from course_utils import attention
 
@@ -42,14 +43,16 @@ def _definitions(source: str) -> dict[str, str]:
     }
 
 
+_magics = TransformerManager()
+
+
 def _notebook_definitions() -> dict[str, str]:
     cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
     found: dict[str, str] = {}
     for cell in cells:
         if cell["cell_type"] != "code":
             continue
-        lines = "".join(cell["source"]).splitlines()
-        code = "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))  # IPython magics
+        code = _magics.transform_cell("".join(cell["source"]))  # IPython magics -> plain Python, as the kernel runs them
         for name, dump in _definitions(code).items():
             assert name not in found or name not in SHARED, f"the notebook defines {name} twice"
             found[name] = dump
