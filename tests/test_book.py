@@ -153,7 +153,7 @@ def test_notebook_was_run_top_to_bottom_in_full_mode(path):
         f"{path.name}: cells were run out of order ({counts}); restart the kernel and run all cells"
     )
     first = code[0] if code else {}
-    assert "environment_report()" in cell_text(first), f"{path.name}: the first code cell must print environment_report()"
+    assert "environment_report(" in cell_text(first), f"{path.name}: the first code cell must print environment_report()"
     report = "\n".join(output_texts(first))
     assert "quick mode off" in report, (
         f"{path.name}: the stored outputs come from a quick-mode run ({report.strip()!r}); "
