@@ -3,11 +3,16 @@
   // This file's folder is the site's _static/ folder, wherever the page is.
   var here = document.currentScript ? document.currentScript.src.replace(/[^\/]*$/, "") : "";
 
-  // The ipywidgets HTML manager finds its fonts next to the AMD module that defines it,
-  // "@jupyter-widgets/html-manager/dist/...", resolved by RequireJS from the page's folder.
-  // Point that module path at the local copy.
+  // The ipywidgets HTML manager finds its fonts next to the AMD modules it defines
+  // ("@jupyter-widgets/html-manager/dist/...", "@jupyter-widgets/controls", ...), whose
+  // addresses RequireJS resolves from the page's folder. Point them at the local copy.
   if (window.require && window.require.config && here) {
-    window.require.config({ paths: { "@jupyter-widgets/html-manager/dist": here + "html-manager" } });
+    window.require.config({
+      paths: {
+        "@jupyter-widgets/html-manager/dist": here + "html-manager",
+        "@jupyter-widgets": here + "html-manager",
+      },
+    });
   }
 
   // The widget manager typesets labels with MathJax 2's MathJax.Hub.Queue; the site loads
