@@ -204,6 +204,7 @@ def assignment_rows(root: Path = REPO_ROOT) -> list[dict[str, object]]:
 
 
 def _assignment_table_directive():
+    from docutils import nodes
     from docutils.parsers.rst import Directive
     from docutils.statemachine import StringList
 
@@ -226,17 +227,11 @@ def _assignment_table_directive():
                              f"``{row['path']}``")
                 lines += [f"   * - ``{row['assignment']}``", f"     - {chapter}", f"     - {row['tests']}",
                           f"     - {row['points']}", f"     - {opens}"]
-            container = nodes_container()
+            container = nodes.container()
             self.state.nested_parse(StringList(lines), self.content_offset, container)
             return container.children
 
     return AssignmentTable
-
-
-def nodes_container():
-    from docutils import nodes
-
-    return nodes.container()
 
 
 def setup(app):

@@ -32,7 +32,15 @@ from .data import create_dataloader
 from .datasets import load_the_verdict
 from .device import best_device, seed_everything
 from .gpt import GPTConfig, GPTModel, count_parameters
-from .pretrained import GPT2_CHECKPOINTS, download_gpt2, gpt2_config, load_gpt2_file
+from .pretrained import (
+    GPT2_CHECKPOINTS,
+    WEIGHTS_FILENAME,
+    _checkpoint_name,
+    download_gpt2,
+    gpt2_config,
+    gpt2_repo_id,
+    load_gpt2_file,
+)
 from .settings import pick
 from .tokenizers import gpt2_tokenizer
 from .train import fit, calc_loss_batch, count_tokens, make_optimizer
@@ -107,8 +115,6 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def _cached_weights(name: str) -> bool:
     """True when the Hub cache already holds the checkpoint (no network needed then)."""
     from huggingface_hub import try_to_load_from_cache
-
-    from .pretrained import WEIGHTS_FILENAME, gpt2_repo_id
 
     found = try_to_load_from_cache(gpt2_repo_id(name), WEIGHTS_FILENAME)
     return isinstance(found, str)
@@ -220,7 +226,7 @@ def pretrained_or_substitute(name: str = "gpt2", device: torch.device | str | No
     file, a wrong shape) are raised, not papered over.
     """
     device = device if device is not None else best_device()
-    hub_name = name if name in GPT2_CHECKPOINTS else next(k for k, v in GPT2_CHECKPOINTS.items() if v == name)
+    hub_name = _checkpoint_name(name)  # "355M" -> "gpt2-medium"; an unknown name is a clear ValueError
     size = GPT2_CHECKPOINTS[hub_name]
     reason = ""
     offline_flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
